@@ -1,0 +1,1 @@
+"""PyTorch -> dit-jax checkpoint converters, one module (and CLI) per family."""

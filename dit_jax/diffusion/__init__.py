@@ -1,0 +1,1 @@
+"""Noise schedules (betas, respacing, timestep grids) and pure-JAX sampler steps."""

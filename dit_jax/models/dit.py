@@ -1,0 +1,248 @@
+"""DiT: Scalable Diffusion Models with Transformers (Peebles & Xie, 2023), in Flax NNX.
+
+Parameter names follow the official facebookresearch/DiT state dict, so conversion is a rename
+plus transposes. Images are NHWC. Blocks accept a token-merging strategy (`sdtm.merger`): a block
+builds its plans from its own modulated input and merges attention and MLP inputs as told.
+
+    model = DiT(VARIANTS["DiT-XL/2"].replace(input_size=32), rngs=nnx.Rngs(0))
+    out = model(x, t, y)          # x (B, 32, 32, 4) -> (B, 32, 32, 8) with learned sigma
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dit_jax.nn.attention import Attention
+from dit_jax.nn.layers import Mlp, layer_norm, modulate, sincos_pos_embed_2d, timestep_embedding
+from sdtm.merger import BlockMerger, MergeState
+from sdtm.ops import merge, unmerge
+
+
+class Buffer(nnx.Variable):
+    """A fixed array that belongs to the checkpoint but is never trained (DiT's pos_embed)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+    input_size: int = 32  # latent (or pixel) side: 32 for 256 px, 64 for 512 px
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1  # > 0 adds the null class used by classifier-free guidance
+    num_classes: int = 1000
+    learn_sigma: bool = True
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.input_size // self.patch_size
+        return side, side
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def null_class(self) -> int:
+        """Label id of the unconditional (null) class."""
+        return self.num_classes
+
+    def replace(self, **changes: Any) -> DiTConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DiTConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown DiT config fields {unknown}; valid fields: {sorted(names)}")
+        return cls(**d)
+
+    def validate(self) -> None:
+        if self.input_size % self.patch_size:
+            raise ValueError(f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+
+
+# The twelve variants of the paper (depth, hidden size, heads), each at patch 2, 4 and 8.
+# Input size is set per checkpoint: 32 latents for 256 px, 64 for 512 px.
+_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+VARIANTS: dict[str, DiTConfig] = {
+    f"DiT-{name}/{patch}": DiTConfig(patch_size=patch, depth=depth, hidden_size=width, num_heads=heads)
+    for name, (depth, width, heads) in _SIZES.items()
+    for patch in (2, 4, 8)
+}
+
+
+def variant(name: str, **changes: Any) -> DiTConfig:
+    """Config of a named variant ("DiT-XL/2"), with optional field changes (e.g. input_size=64)."""
+    key = name if name in VARIANTS else "/".join(name.rsplit("-", 1))  # "DiT-XL-2" -> "DiT-XL/2"
+    if key not in VARIANTS:
+        raise ValueError(f"unknown DiT variant {name!r}; known: {', '.join(VARIANTS)}")
+    return VARIANTS[key].replace(**changes)
+
+
+def _linear(din: int, dout: int, rngs: nnx.Rngs, dtype) -> nnx.Linear:
+    return nnx.Linear(din, dout, rngs=rngs, dtype=dtype, param_dtype=dtype)
+
+
+def guide(out: jax.Array, scale: float | jax.Array, guided_channels: int = 3) -> jax.Array:
+    """DiT's classifier-free guidance on the output of a [cond; uncond] batch.
+
+    out (2B, H, W, C_out): the first B rows conditional, the last B unconditional. The first
+    `guided_channels` channels (DiT guides 3 of the 4 latent channels) become
+    uncond + scale * (cond - uncond) in both halves; the rest (learned variance) pass through.
+    """
+    eps, rest = out[..., :guided_channels], out[..., guided_channels:]
+    cond, uncond = jnp.split(eps, 2, axis=0)
+    guided = uncond + scale * (cond - uncond)
+    return jnp.concatenate([jnp.concatenate([guided, guided], axis=0), rest], axis=-1)
+
+
+class PatchEmbed(nnx.Module):
+    def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs, dtype):
+        p = cfg.patch_size
+        self.proj = nnx.Conv(
+            cfg.in_channels, cfg.hidden_size, (p, p), strides=(p, p), padding="VALID",
+            rngs=rngs, dtype=dtype, param_dtype=dtype,
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.proj(x)  # (B, H/p, W/p, D)
+        return x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, D), row-major tokens
+
+
+class TimestepEmbedder(nnx.Module):
+    """Sinusoidal timestep features (256) -> MLP (Linear, SiLU, Linear)."""
+
+    frequency_embedding_size = 256
+
+    def __init__(self, hidden: int, *, rngs: nnx.Rngs, dtype):
+        self.mlp_0 = _linear(self.frequency_embedding_size, hidden, rngs, dtype)
+        self.mlp_2 = _linear(hidden, hidden, rngs, dtype)
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        freq = timestep_embedding(t, self.frequency_embedding_size).astype(self.mlp_0.kernel[...].dtype)
+        return self.mlp_2(jax.nn.silu(self.mlp_0(freq)))
+
+
+class LabelEmbedder(nnx.Module):
+    """Class label table with one extra row, the null class, when guidance dropout is on."""
+
+    def __init__(self, num_classes: int, hidden: int, dropout_prob: float, *, rngs: nnx.Rngs, dtype):
+        rows = num_classes + int(dropout_prob > 0)
+        self.embedding_table = nnx.Embed(rows, hidden, rngs=rngs, dtype=dtype, param_dtype=dtype)
+
+    def __call__(self, y: jax.Array) -> jax.Array:
+        return self.embedding_table(y)
+
+
+class DiTBlock(nnx.Module):
+    """adaLN-Zero block: shift/scale/gate for attention and MLP from the conditioning."""
+
+    def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs, dtype):
+        d = cfg.hidden_size
+        self.attn = Attention(d, cfg.num_heads, rngs=rngs, dtype=dtype, param_dtype=dtype)
+        self.mlp = Mlp(d, int(d * cfg.mlp_ratio), rngs=rngs, dtype=dtype, param_dtype=dtype)
+        self.adaLN_modulation = _linear(d, 6 * d, rngs, dtype)
+
+    def __call__(
+        self,
+        x: jax.Array,  # (B, N, D)
+        c: jax.Array,  # (B, D)
+        merger: BlockMerger | None = None,
+        state: MergeState | None = None,
+        grid: tuple[int, int] | None = None,
+    ) -> tuple[jax.Array, MergeState | None]:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(
+            self.adaLN_modulation(jax.nn.silu(c)), 6, axis=-1
+        )
+        h = modulate(layer_norm(x), shift_msa, scale_msa)  # (B, N, D): the merge metric
+        attn_plan = mlp_plan = None
+        if merger is None:
+            attn_out = self.attn(h)
+        elif merger.needs_key_attention:
+            # IDM ranks tokens by the attention they receive: attention runs on every token first.
+            attn_out, key_att = self.attn(h, with_key_attention=True)
+            attn_plan, mlp_plan, state = merger.build(h, state, grid=grid, key_attention=key_att)
+            if attn_plan is not None:
+                raise ValueError("a merger that needs key attention cannot merge attention inputs")
+        else:
+            attn_plan, mlp_plan, state = merger.build(h, state, grid=grid)
+            attn_out = unmerge(attn_plan, self.attn(merge(attn_plan, h)))
+        x = x + gate_msa[:, None] * attn_out
+        h = modulate(layer_norm(x), shift_mlp, scale_mlp)
+        x = x + gate_mlp[:, None] * unmerge(mlp_plan, self.mlp(merge(mlp_plan, h)))
+        return x, state
+
+
+class FinalLayer(nnx.Module):
+    def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs, dtype):
+        d = cfg.hidden_size
+        self.linear = _linear(d, cfg.patch_size**2 * cfg.out_channels, rngs, dtype)
+        self.adaLN_modulation = _linear(d, 2 * d, rngs, dtype)
+
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        shift, scale = jnp.split(self.adaLN_modulation(jax.nn.silu(c)), 2, axis=-1)
+        return self.linear(modulate(layer_norm(x), shift, scale))
+
+
+class DiT(nnx.Module):
+    def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        config.validate()
+        self.config = config
+        d = config.hidden_size
+        self.x_embedder = PatchEmbed(config, rngs=rngs, dtype=dtype)
+        self.t_embedder = TimestepEmbedder(d, rngs=rngs, dtype=dtype)
+        self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob, rngs=rngs, dtype=dtype)
+        self.pos_embed = Buffer(jnp.asarray(sincos_pos_embed_2d(d, *config.grid), dtype)[None])
+        self.blocks = nnx.List([DiTBlock(config, rngs=rngs, dtype=dtype) for _ in range(config.depth)])
+        self.final_layer = FinalLayer(config, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
+        """x (B, H, W, C) NHWC, t (B,) timesteps, y (B,) class ids -> (B, H, W, out_channels)."""
+        return self.forward_merged(x, t, y)[0]
+
+    def forward_merged(
+        self,
+        x: jax.Array,
+        t: jax.Array,
+        y: jax.Array,
+        merger: BlockMerger | None = None,
+        merge_state: MergeState | None = None,
+    ) -> tuple[jax.Array, MergeState | None]:
+        """The forward pass with a token-merging strategy; returns the output and the new merge state."""
+        cfg = self.config
+        b, hgt, wid, _ = x.shape
+        if (hgt, wid) != (cfg.input_size, cfg.input_size):
+            raise ValueError(
+                f"this DiT takes {cfg.input_size}x{cfg.input_size} inputs, got {hgt}x{wid}"
+            )
+        tokens = self.x_embedder(x) + self.pos_embed[...]  # (B, T, D)
+        c = self.t_embedder(jnp.broadcast_to(t, (b,))) + self.y_embedder(y)  # (B, D)
+        for block in self.blocks:
+            tokens, merge_state = block(tokens, c, merger, merge_state, cfg.grid)
+        out = self.final_layer(tokens, c)  # (B, T, p*p*C_out)
+        return self.unpatchify(out), merge_state
+
+    def unpatchify(self, x: jax.Array) -> jax.Array:
+        """(B, T, p*p*C) -> (B, H, W, C); each token's vector is laid out (p, p, C) like DiT's."""
+        p, c = self.config.patch_size, self.config.out_channels
+        gh, gw = self.config.grid
+        x = x.reshape(x.shape[0], gh, gw, p, p, c)
+        return x.transpose(0, 1, 3, 2, 4, 5).reshape(x.shape[0], gh * p, gw * p, c)

@@ -1,0 +1,46 @@
+"""Multi-head self-attention through `jax.nn.dot_product_attention` (the cuDNN flash path on GPU)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Queries sampled to estimate how much attention each key receives (IDM's attention score).
+KEY_ATTENTION_QUERIES = 64
+
+
+def key_attention(q: jax.Array, k: jax.Array, num_queries: int = KEY_ATTENTION_QUERIES) -> jax.Array:
+    """Mean attention probability each key receives, estimated from evenly strided queries.
+
+    q, k: (B, N, heads, head_dim) -> (B, N). Costs num_queries * N per head instead of N * N, and
+    never touches the full probability matrix, so the main attention keeps its flash path.
+    """
+    n = q.shape[1]
+    stride = max(1, n // num_queries)
+    q_sub = q[:, ::stride].astype(jnp.float32)  # (B, Q, h, d)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q_sub, k.astype(jnp.float32)) / jnp.sqrt(q.shape[-1])
+    probs = jax.nn.softmax(logits, axis=-1)  # (B, h, Q, N)
+    return probs.mean(axis=(1, 2))
+
+
+class Attention(nnx.Module):
+    """Self-attention with a fused qkv projection (bias on), as in DiT / timm."""
+
+    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nnx.Linear(dim, 3 * dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.proj = nnx.Linear(dim, dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x: jax.Array, *, with_key_attention: bool = False):
+        """x (B, N, D) -> (B, N, D); with `with_key_attention` also the (B, N) key-attention score."""
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, h, hd)
+        out = jax.nn.dot_product_attention(q, k, v).reshape(b, n, d)
+        out = self.proj(out)
+        if with_key_attention:
+            return out, key_attention(q, k)
+        return out

@@ -1,0 +1,118 @@
+"""Micro-benchmark of the merge op's implementations and of plan building.
+
+    python -m sdtm.bench_merge                      # CPU, B=2, C=1152, N in 256/1024/4096
+    python -m sdtm.bench_merge --tokens 1024 --dtype bfloat16
+
+Every variant computes exactly `sdtm.merge` (tests/test_ops.py checks that they agree):
+  scatter_add  gather the M seeds, scatter-add the R sources into them (what sdtm.merge does)
+  segment_sum  one segment_sum of all N tokens by token_slot (no gathers, a scatter of N rows)
+  sorted_sum   gather tokens in slot order, then a sorted segment_sum (the order would have to
+               be a new plan field; here it is precomputed outside the timed function)
+  one_hot      one-hot [B, N, M] matrix times x: a matmul of N*M*C
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+
+from sdtm.idm import idm_plan
+from sdtm.ops import MergePlan, merge, unmerge
+from sdtm.ssm import ssm_plan
+from sdtm.tome import tome_plan
+
+
+def merge_scatter_add(plan: MergePlan, x: jax.Array) -> jax.Array:
+    return merge(plan, x)
+
+
+def merge_segment_sum(plan: MergePlan, x: jax.Array) -> jax.Array:
+    num_slots = plan.keep_index.shape[1]
+    summed = jax.vmap(lambda xb, sb: jax.ops.segment_sum(xb, sb, num_segments=num_slots))(
+        x.astype(jnp.float32), plan.token_slot
+    )
+    return (summed * plan.slot_scale[..., None]).astype(x.dtype)
+
+
+def slot_order(plan: MergePlan) -> tuple[jax.Array, jax.Array]:
+    """Tokens sorted by slot, and their slots (what `merge_sorted_sum` needs precomputed)."""
+    order = jnp.argsort(plan.token_slot, axis=1, stable=True)
+    return order, jnp.take_along_axis(plan.token_slot, order, axis=1)
+
+
+def merge_sorted_sum(plan: MergePlan, x: jax.Array, order: jax.Array, sorted_slot: jax.Array) -> jax.Array:
+    num_slots = plan.keep_index.shape[1]
+    ordered = jnp.take_along_axis(x, order[..., None], axis=1).astype(jnp.float32)
+    summed = jax.vmap(
+        lambda xb, sb: jax.ops.segment_sum(xb, sb, num_segments=num_slots, indices_are_sorted=True)
+    )(ordered, sorted_slot)
+    return (summed * plan.slot_scale[..., None]).astype(x.dtype)
+
+
+def merge_one_hot(plan: MergePlan, x: jax.Array) -> jax.Array:
+    num_slots = plan.keep_index.shape[1]
+    assign = jax.nn.one_hot(plan.token_slot, num_slots, dtype=x.dtype)  # (B, N, M)
+    summed = jnp.einsum("bnm,bnc->bmc", assign, x, preferred_element_type=jnp.float32)
+    return (summed * plan.slot_scale[..., None]).astype(x.dtype)
+
+
+def _time(fn, *args, reps: int) -> float:
+    """Best wall time of `reps` calls in ms (after one compile-and-warm-up call)."""
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def run(tokens: list[int], batch: int, channels: int, dtype: str, reps: int, one_hot_max: int) -> None:
+    print(f"device {jax.devices()[0].device_kind}, B={batch}, C={channels}, {dtype}; best of {reps}, ms")
+    for num_tokens in tokens:
+        side = int(num_tokens**0.5)
+        grid = (side, side)
+        key_m, key_x = jax.random.split(jax.random.key(num_tokens))
+        metric = jax.random.normal(key_m, (batch, num_tokens, channels), jnp.float32)
+        x = jax.random.normal(key_x, (batch, num_tokens, channels), jnp.float32).astype(dtype)
+        count_ssm = int(num_tokens * 0.5) // 3 * 3
+        count_idm = int(num_tokens * 0.4)
+        builders = {
+            "ssm": jax.jit(lambda m: ssm_plan(m, count_ssm, grid=grid)),
+            "idm": jax.jit(lambda m: idm_plan(m, count_idm, grid=grid, attention=jnp.abs(m[..., 0]))),
+            "tome": jax.jit(lambda m: tome_plan(m, count_idm, grid=grid, key=jax.random.key(0))),
+        }
+        for name, build in builders.items():
+            build_ms = _time(build, metric, reps=reps)
+            plan = build(metric)
+            order, sorted_slot = jax.jit(slot_order)(plan)
+            row = {
+                "scatter_add": _time(jax.jit(merge_scatter_add), plan, x, reps=reps),
+                "segment_sum": _time(jax.jit(merge_segment_sum), plan, x, reps=reps),
+                "sorted_sum": _time(jax.jit(merge_sorted_sum), plan, x, order, sorted_slot, reps=reps),
+            }
+            if num_tokens <= one_hot_max:
+                row["one_hot"] = _time(jax.jit(merge_one_hot), plan, x, reps=reps)
+            y = merge(plan, x)
+            row["unmerge"] = _time(jax.jit(unmerge), plan, y, reps=reps)
+            cells = "  ".join(f"{k} {v:8.3f}" for k, v in row.items())
+            print(f"N={num_tokens:5d} {name:4s} R={plan.merge_count:5d}  build {build_ms:8.3f}  {cells}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--channels", type=int, default=1152)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--one-hot-max", type=int, default=1024, help="skip one_hot above this many tokens")
+    args = parser.parse_args()
+    run(args.tokens, args.batch, args.channels, args.dtype, args.reps, args.one_hot_max)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Settings of the two merging methods, validated when made (before anything compiles).
+
+    SDTMConfig()                                  # the defaults: ratio 0.5 +- 0.2, switch at 40%
+    SDTMConfig(ratio=0.3, idm_score="frequency")  # closer to the official release's sample.py
+    ToMeConfig(ratio=0.5)                         # ToMe for SD, attention only
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from sdtm.frequency import FREQUENCY_MODES
+from sdtm.idm import IDM_SCORES
+from sdtm.ops import as_pair
+
+
+def _check_window(window) -> tuple[int, int]:
+    pair = as_pair(window)
+    if pair[0] < 1 or pair[1] < 1 or pair[0] * pair[1] < 2:
+        raise ValueError(f"window {window!r} must be (height, width) with at least 2 tokens, e.g. (2, 2)")
+    return pair
+
+
+def _check_number(name: str, value, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} {value} is outside [{low}, {high}]")
+
+
+@dataclasses.dataclass(frozen=True)
+class SDTMConfig:
+    """Structure-then-Detail Token Merging.
+
+    ratio, deviation: compression-ratio adjusting; step i of T merges
+        floor(N * ((ratio - deviation) + 2 * deviation * cos(pi/2 * i / (T-1)))) tokens,
+        from ratio + deviation at the first step down to ratio - deviation at the last.
+    switch_step: steps before it run SSM (structure stage), the rest IDM (detail stage). A float
+        is a fraction of the steps (rounded to the nearest step), an int a step index.
+    max_phases: at most this many distinct (strategy, merge_count) runs of steps; each compiles once.
+    window: (height, width) of the merge windows.
+    a_s, a_d: weights of the frequency priority in SSM and IDM.
+    frequency: counter reading, "independent" (paper: time since last merged), "merged"
+        (official release: time spent merged), or None (no priority).
+    idm_score: IDM destinations/ranking from "attention" (paper) or "frequency" (release).
+    """
+
+    ratio: float = 0.5
+    deviation: float = 0.2
+    switch_step: float | int = 0.4
+    max_phases: int = 4
+    window: tuple[int, int] = (2, 2)
+    a_s: float = 0.05
+    a_d: float = 0.05
+    frequency: str | None = "independent"
+    idm_score: str = "attention"
+
+    def __post_init__(self):
+        _check_number("ratio", self.ratio, 0.0, 1.0)
+        _check_number("deviation", self.deviation, 0.0, 1.0)
+        if self.ratio - self.deviation < 0:
+            raise ValueError(
+                f"ratio - deviation = {self.ratio} - {self.deviation} < 0: the last steps would merge a "
+                "negative number of tokens; lower deviation or raise ratio"
+            )
+        if self.ratio + self.deviation >= 1:
+            raise ValueError(
+                f"ratio + deviation = {self.ratio} + {self.deviation} >= 1: the first step would merge every "
+                "token; keep ratio + deviation below 1 (below 1 - 1/window tokens for SSM to fit)"
+            )
+        object.__setattr__(self, "window", _check_window(self.window))
+        if isinstance(self.switch_step, bool) or not isinstance(self.switch_step, (int, float)):
+            raise ValueError(f"switch_step must be a fraction (float) or a step index (int), got {self.switch_step!r}")
+        if isinstance(self.switch_step, float):
+            _check_number("switch_step (a fraction of the steps)", self.switch_step, 0.0, 1.0)
+        elif self.switch_step < 0:
+            raise ValueError(f"switch_step {self.switch_step} is negative; give a step index >= 0")
+        if isinstance(self.max_phases, bool) or not isinstance(self.max_phases, int) or self.max_phases < 1:
+            raise ValueError(f"max_phases must be an int >= 1, got {self.max_phases!r}")
+        _check_number("a_s", self.a_s, -math.inf, math.inf)
+        _check_number("a_d", self.a_d, -math.inf, math.inf)
+        if self.frequency is not None and self.frequency not in FREQUENCY_MODES:
+            raise ValueError(f"frequency must be one of {FREQUENCY_MODES} or None, got {self.frequency!r}")
+        if self.idm_score not in IDM_SCORES:
+            raise ValueError(f"idm_score must be one of {IDM_SCORES}, got {self.idm_score!r}")
+
+    def switch_index(self, steps: int) -> int:
+        """The first detail-stage step for a run of `steps` steps."""
+        if isinstance(self.switch_step, float):
+            return int(round(self.switch_step * steps))
+        if self.switch_step > steps:
+            raise ValueError(
+                f"switch_step {self.switch_step} is past the last of {steps} steps; give a step in [0, {steps}] "
+                "or a fraction"
+            )
+        return self.switch_step
+
+    def replace(self, **changes) -> SDTMConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class ToMeConfig:
+    """ToMe for Stable Diffusion (the baseline): a fixed fraction of the tokens merged at every step.
+
+    ratio: fraction of the tokens removed (merge_count = floor(N * ratio)); at most 1 - 1/K
+        for K-token windows, since each window keeps its destination.
+    merge_attn, merge_mlp: which inputs get the plan (both: the same plan).
+    window: (height, width) holding one destination each.
+    random: random destination per window (shared by the batch), else the top-left token.
+    """
+
+    ratio: float = 0.5
+    merge_attn: bool = True
+    merge_mlp: bool = False
+    window: tuple[int, int] = (2, 2)
+    random: bool = True
+
+    def __post_init__(self):
+        _check_number("ratio", self.ratio, 0.0, 1.0)
+        object.__setattr__(self, "window", _check_window(self.window))
+        k = self.window[0] * self.window[1]
+        if self.ratio > 1 - 1 / k:
+            raise ValueError(
+                f"ToMe ratio {self.ratio} is more than {self.window[0]}x{self.window[1]} windows allow "
+                f"(each keeps one destination): use a ratio <= {1 - 1 / k:.4g}"
+            )
+        if not (self.merge_attn or self.merge_mlp):
+            raise ValueError("ToMeConfig with merge_attn=False and merge_mlp=False merges nothing; use no merging instead")
+
+    def replace(self, **changes) -> ToMeConfig:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,132 @@
+"""IDM, the detail stage of SDTM: merge inattentive tokens into similar attentive ones (MLP only).
+
+Each window keeps one destination: the token that receives the most attention in it (the
+paper) or, without attention, the token with the highest frequency priority (the official
+release's "fake IDM"; ties to the first position). Every other token is a source matched to
+its most cosine-similar destination anywhere on the grid. Sources are ranked and the top
+merge_count join their destinations (mean including the destination):
+
+  with attention:    rank = inattentiveness + a_d * P_fre,  inattentiveness = 1 - a / mean(a)
+  without attention: rank = best similarity + a_d * P_fre   (the release ranks by similarity
+                     alone; a_d = 0 reproduces that)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from sdtm.frequency import FREQUENCY_MODES
+from sdtm.merger import MergeState, advance_counters, check_state, state_priority
+from sdtm.ops import (
+    MergePlan,
+    check_merge_count,
+    checked_windows,
+    identity_plan,
+    match_sources,
+    merge_top_sources,
+    split_windows,
+    unit_tokens,
+)
+
+IDM_SCORES = ("attention", "frequency")
+
+
+def inattentiveness(key_attention: jax.Array) -> jax.Array:
+    """[B, N] attention received -> 1 - a / mean(a) per sample (0 at average attention,
+    up to 1 for a token nobody attends to). An all-zero row gives 1 everywhere."""
+    a = key_attention.astype(jnp.float32)
+    mean = jnp.mean(a, axis=1, keepdims=True)
+    return 1.0 - a / jnp.where(mean > 0, mean, 1.0)
+
+
+def idm_plan(
+    metric: jax.Array,
+    merge_count: int,
+    *,
+    grid: tuple[int, int],
+    window: tuple[int, int] = (2, 2),
+    priority: jax.Array | None = None,
+    attention: jax.Array | None = None,
+    a_d: float = 0.05,
+) -> MergePlan:
+    """Detail-stage plan. metric [B, N, C]; priority, attention [B, N] or None.
+
+    merge_count (a Python int) is at most N - num_windows, the number of sources. With
+    `attention` the destinations are each window's most attended token and sources rank by
+    inattentiveness; without it the destinations follow `priority` (top-left when that is None
+    too) and sources rank by similarity to their destination. Ties go to the lower index.
+    """
+    batch, num_tokens, _ = metric.shape
+    windows = checked_windows(num_tokens, grid, window)  # (W, K) NumPy
+    num_windows, k = windows.shape
+    merge_count = check_merge_count(
+        merge_count, num_tokens - num_windows, f"one destination per window leaves {num_tokens - num_windows} sources"
+    )
+    if merge_count == 0:
+        return identity_plan(batch, num_tokens)
+    if attention is not None:
+        dst_score = attention.astype(jnp.float32)
+    elif priority is not None:
+        dst_score = priority.astype(jnp.float32)
+    else:
+        dst_score = jnp.zeros((batch, num_tokens), jnp.float32)
+    dst_pos = jnp.argmax(dst_score[:, windows], axis=-1)  # (B, W), first position on ties
+    dst_tokens, src_tokens = split_windows(windows, dst_pos)
+    best_similarity, best_dst = match_sources(unit_tokens(metric), dst_tokens, src_tokens)  # (B, S)
+    if attention is not None:
+        rank = jnp.take_along_axis(inattentiveness(attention), src_tokens, axis=1)
+    else:
+        rank = best_similarity
+    if priority is not None:
+        rank = rank + a_d * jnp.take_along_axis(priority.astype(jnp.float32), src_tokens, axis=1)
+    return merge_top_sources(src_tokens, best_dst, rank, merge_count, num_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class IDMMerger:
+    """Block merger of the detail stage: no attention plan, an IDM plan for the MLP.
+
+    score: "attention" (the paper; the block must pass key_attention) or "frequency" (the
+    release). frequency: "independent", "merged" or None.
+    """
+
+    merge_count: int
+    window: tuple[int, int] = (2, 2)
+    a_d: float = 0.05
+    frequency: str | None = "independent"
+    score: str = "attention"
+
+    def __post_init__(self):
+        if self.frequency is not None and self.frequency not in FREQUENCY_MODES:
+            raise ValueError(f"frequency must be one of {FREQUENCY_MODES} or None, got {self.frequency!r}")
+        if self.score not in IDM_SCORES:
+            raise ValueError(f"idm score must be one of {IDM_SCORES}, got {self.score!r}")
+
+    @property
+    def needs_key_attention(self) -> bool:
+        return self.score == "attention" and self.merge_count > 0
+
+    def build(
+        self,
+        metric: jax.Array,
+        state: MergeState,
+        *,
+        grid: tuple[int, int],
+        key_attention: jax.Array | None = None,
+    ) -> tuple[None, MergePlan | None, MergeState]:
+        check_state(state, metric)
+        if self.merge_count == 0:
+            return None, None, state
+        attention = None
+        if self.score == "attention":
+            if key_attention is None:
+                raise ValueError("IDMMerger(score='attention') needs key_attention [B, N] from the block")
+            attention = key_attention
+        plan = idm_plan(
+            metric, self.merge_count, grid=grid, window=self.window,
+            priority=state_priority(state, self.frequency), attention=attention, a_d=self.a_d,
+        )
+        return None, plan, advance_counters(state, plan, self.frequency)

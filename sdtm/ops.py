@@ -1,0 +1,278 @@
+"""Static-shape token merging primitives on [B, N, C] arrays.
+
+A `MergePlan` says, for every batch element, how N tokens collapse into M = N - merge_count
+slots. Each slot is seeded by one token (`keep_index`); `merge_count` further tokens
+(`src_index`) are added into the slot they join (`src_slot`); the slot is then scaled by one
+over its group size. `unmerge` is a single gather through `token_slot`: every token reads
+back the output of the slot it went into. All index arrays have shapes fixed by
+(B, N, merge_count), so a plan is a valid `jit`/`scan` value and merge_count is static.
+
+Besides merge/unmerge this module holds what every strategy shares: the window layout of a
+token grid, cosine normalisation, bipartite matching of sources to per-window destinations,
+and `plan_from_parents`, which turns "token n joins token parent[n]" into a MergePlan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import operator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MergePlan:
+    """How N tokens become N - merge_count slots, per batch element.
+
+    Fields (B batch, N tokens, M = N - R slots, R = merge_count):
+      keep_index: int32 [B, M]   token that seeds each slot (ascending token order)
+      src_index:  int32 [B, R]   tokens folded into another slot (ascending token order)
+      src_slot:   int32 [B, R]   slot each of those tokens joins
+      slot_scale: float32 [B, M] 1 / (tokens in the slot)
+      token_slot: int32 [B, N]   slot of every token (the inverse index unmerge gathers through)
+    """
+
+    keep_index: jax.Array
+    src_index: jax.Array
+    src_slot: jax.Array
+    slot_scale: jax.Array
+    token_slot: jax.Array
+
+    @property
+    def merge_count(self) -> int:
+        return self.src_index.shape[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_slot.shape[1]
+
+
+def _take_tokens(x: jax.Array, index: jax.Array) -> jax.Array:
+    """x [B, N, C], index int [B, K] -> [B, K, C]."""
+    return jnp.take_along_axis(x, index[..., None], axis=1)
+
+
+def merge(plan: MergePlan | None, x: jax.Array) -> jax.Array:
+    """Mean of every merged group: [B, N, C] -> [B, N - merge_count, C]. `None` is the identity.
+
+    Gather the slot seeds, scatter-add the sources into their slots, scale by 1/group size.
+    (Measured on CPU against a segment_sum over all N tokens and a one-hot matmul: this is the
+    fastest; see sdtm/bench_merge.py.)
+    """
+    if plan is None:
+        return x
+    kept = _take_tokens(x, plan.keep_index)  # (B, M, C)
+    if plan.merge_count == 0:
+        return kept
+    # Sum in float32 so bf16 activations do not lose the small additions.
+    sources = _take_tokens(x, plan.src_index).astype(jnp.float32)  # (B, R, C)
+    batch = jnp.arange(x.shape[0])[:, None]
+    summed = kept.astype(jnp.float32).at[batch, plan.src_slot].add(sources)
+    return (summed * plan.slot_scale[..., None]).astype(x.dtype)
+
+
+def unmerge(plan: MergePlan | None, y: jax.Array) -> jax.Array:
+    """Copy each slot's output back to all of its tokens: [B, M, C] -> [B, N, C]."""
+    if plan is None:
+        return y
+    return _take_tokens(y, plan.token_slot)
+
+
+def identity_plan(batch: int, num_tokens: int) -> MergePlan:
+    """The plan with merge_count 0: merge and unmerge return their input."""
+    tokens = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch, num_tokens))
+    empty = jnp.zeros((batch, 0), jnp.int32)
+    return MergePlan(
+        keep_index=tokens,
+        src_index=empty,
+        src_slot=empty,
+        slot_scale=jnp.ones((batch, num_tokens), jnp.float32),
+        token_slot=tokens,
+    )
+
+
+def plan_from_parents(parent: jax.Array, is_src: jax.Array, merge_count: int) -> MergePlan:
+    """Build the plan in which every source token n joins the group seeded by token parent[n].
+
+    parent: int [B, N], parent[n] = n for every token that seeds its own slot; a source's
+      parent must itself be a seed (groups are stars, never chains).
+    is_src: bool [B, N] with exactly `merge_count` True per row (the caller guarantees it;
+      a static shape cannot be checked against data without a host sync).
+    Slots are ordered by their seed's token index, sources by their own index.
+    """
+    batch, num_tokens = parent.shape
+    num_slots = num_tokens - merge_count
+    rows = jnp.arange(batch)[:, None]
+    tokens = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch, num_tokens))
+    is_seed = ~is_src
+    seed_rank = jnp.cumsum(is_seed, axis=1, dtype=jnp.int32) - 1  # (B, N) slot of each seed
+    src_rank = jnp.cumsum(is_src, axis=1, dtype=jnp.int32) - 1  # (B, N) position among sources
+    # Compaction by scatter: out-of-range targets (the other kind of token) are dropped.
+    keep_index = (
+        jnp.zeros((batch, num_slots), jnp.int32)
+        .at[rows, jnp.where(is_seed, seed_rank, num_slots)]
+        .set(tokens, mode="drop")
+    )
+    src_index = (
+        jnp.zeros((batch, merge_count), jnp.int32)
+        .at[rows, jnp.where(is_src, src_rank, merge_count)]
+        .set(tokens, mode="drop")
+    )
+    token_slot = jnp.take_along_axis(seed_rank, parent.astype(jnp.int32), axis=1)  # (B, N)
+    src_slot = jnp.take_along_axis(token_slot, src_index, axis=1)  # (B, R)
+    group_size = jnp.ones((batch, num_slots), jnp.float32).at[rows, src_slot].add(1.0)
+    return MergePlan(
+        keep_index=keep_index,
+        src_index=src_index,
+        src_slot=src_slot,
+        slot_scale=1.0 / group_size,
+        token_slot=token_slot,
+    )
+
+
+def merged_mask(plan: MergePlan | None, batch: int, num_tokens: int) -> jax.Array:
+    """bool [B, N]: True for tokens that share their slot with another token."""
+    if plan is None or plan.merge_count == 0:
+        return jnp.zeros((batch, num_tokens), bool)
+    return jnp.take_along_axis(plan.slot_scale, plan.token_slot, axis=1) < 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Token grids and windows
+
+
+def check_grid(num_tokens: int, grid: tuple[int, int], window: tuple[int, int]) -> None:
+    """Raise a ValueError unless `grid` holds `num_tokens` tokens and `window` tiles it exactly."""
+    height, width = (int(v) for v in grid)
+    win_h, win_w = (int(v) for v in window)
+    if height * width != num_tokens:
+        raise ValueError(
+            f"grid {height}x{width} holds {height * width} tokens but the metric has {num_tokens}; "
+            "pass the (height, width) of the token grid"
+        )
+    if win_h < 1 or win_w < 1 or win_h * win_w < 2:
+        raise ValueError(f"window {win_h}x{win_w} must hold at least 2 tokens")
+    if height % win_h or width % win_w:
+        raise ValueError(
+            f"window {win_h}x{win_w} does not tile the {height}x{width} token grid; "
+            "choose a window whose sides divide the grid's sides"
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def window_tokens(grid: tuple[int, int], window: tuple[int, int]) -> np.ndarray:
+    """int32 [num_windows, K]: token indices of each window (windows and in-window positions
+    both row-major; column 0 is the window's top-left token). Static, so NumPy."""
+    height, width = grid
+    win_h, win_w = window
+    index = np.arange(height * width, dtype=np.int32).reshape(height // win_h, win_h, width // win_w, win_w)
+    return np.ascontiguousarray(index.transpose(0, 2, 1, 3).reshape(-1, win_h * win_w))
+
+
+@functools.lru_cache(maxsize=64)
+def token_window_position(grid: tuple[int, int], window: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(window id int32 [N], in-window position int32 [N]) of every token; the inverse of
+    `window_tokens`."""
+    windows = window_tokens(grid, window)
+    num_windows, k = windows.shape
+    token_window = np.empty(num_windows * k, np.int32)
+    token_pos = np.empty(num_windows * k, np.int32)
+    token_window[windows.reshape(-1)] = np.repeat(np.arange(num_windows, dtype=np.int32), k)
+    token_pos[windows.reshape(-1)] = np.tile(np.arange(k, dtype=np.int32), num_windows)
+    return token_window, token_pos
+
+
+def as_pair(value) -> tuple[int, int]:
+    """(a, b) of Python ints from any pair of integers (hashable, for the static caches)."""
+    try:
+        first, second = value
+        return operator.index(first), operator.index(second)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a pair of ints such as (2, 2), got {value!r}") from None
+
+
+def checked_windows(num_tokens: int, grid, window) -> np.ndarray:
+    """`window_tokens` after `check_grid`; grid and window may be any int pairs."""
+    grid, window = as_pair(grid), as_pair(window)
+    check_grid(num_tokens, grid, window)
+    return window_tokens(grid, window)
+
+
+def check_merge_count(merge_count, limit: int, what: str) -> int:
+    """merge_count as a Python int in [0, limit], else a ValueError naming `what` limits it."""
+    if isinstance(merge_count, bool) or not isinstance(merge_count, (int, np.integer)):
+        raise ValueError(f"merge_count must be a Python int (it fixes shapes), got {merge_count!r}")
+    merge_count = int(merge_count)
+    if merge_count < 0 or merge_count > limit:
+        raise ValueError(f"merge_count {merge_count} is outside [0, {limit}]: {what}")
+    return merge_count
+
+
+# ---------------------------------------------------------------------------------------------
+# Similarity and bipartite matching
+
+
+def unit_tokens(metric: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """Tokens scaled to unit length in float32, so dot products are cosine similarities.
+    A zero token stays zero (similarity 0 to everything)."""
+    x = metric.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+    return x / jnp.maximum(norm, eps)
+
+
+@functools.lru_cache(maxsize=16)
+def _other_positions(k: int) -> np.ndarray:
+    """int32 [K, K-1]: row d lists the in-window positions other than d, ascending."""
+    return np.array([[p for p in range(k) if p != d] for d in range(k)], np.int32)
+
+
+def split_windows(windows: np.ndarray, dst_pos: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One destination per window at in-window position dst_pos [B, num_windows].
+
+    Returns (dst_tokens int32 [B, num_windows], src_tokens int32 [B, num_windows * (K-1)]);
+    sources are listed window by window, in-window order.
+    """
+    table = jnp.asarray(windows)  # (W, K)
+    num_windows, k = windows.shape
+    dst_pos = dst_pos.astype(jnp.int32)
+    dst_tokens = jnp.take_along_axis(table[None], dst_pos[..., None], axis=2)[..., 0]  # (B, W)
+    src_pos = jnp.asarray(_other_positions(k))[dst_pos]  # (B, W, K-1)
+    src_tokens = jnp.take_along_axis(jnp.broadcast_to(table, dst_pos.shape + (k,)), src_pos, axis=2)
+    return dst_tokens, src_tokens.reshape(dst_pos.shape[0], num_windows * (k - 1))
+
+
+def match_sources(unit: jax.Array, dst_tokens: jax.Array, src_tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Best destination (anywhere on the grid) of every source by cosine similarity.
+
+    unit [B, N, C] unit tokens; returns (best_similarity f32 [B, S], best_dst_token int32 [B, S]).
+    Ties go to the first destination in window order.
+    """
+    dst = _take_tokens(unit, dst_tokens)  # (B, W, C)
+    src = _take_tokens(unit, src_tokens)  # (B, S, C)
+    similarity = jnp.einsum("bsc,bwc->bsw", src, dst, precision=jax.lax.Precision.HIGHEST)
+    best_window = jnp.argmax(similarity, axis=-1)  # (B, S)
+    best_similarity = jnp.max(similarity, axis=-1)
+    return best_similarity, jnp.take_along_axis(dst_tokens, best_window, axis=1)
+
+
+def merge_top_sources(
+    src_tokens: jax.Array, best_dst: jax.Array, rank: jax.Array, merge_count: int, num_tokens: int
+) -> MergePlan:
+    """Plan that merges the `merge_count` highest-ranked sources into their destinations.
+
+    src_tokens, best_dst int [B, S]; rank f32 [B, S] (ties: the earlier source wins, as
+    `lax.top_k` keeps the lower index). Every other token keeps its own slot.
+    """
+    batch = src_tokens.shape[0]
+    rows = jnp.arange(batch)[:, None]
+    _, chosen = jax.lax.top_k(rank, merge_count)  # (B, R) positions in the source list
+    merging = jnp.take_along_axis(src_tokens, chosen, axis=1)  # (B, R) token ids
+    into = jnp.take_along_axis(best_dst, chosen, axis=1)  # (B, R)
+    tokens = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch, num_tokens))
+    parent = tokens.at[rows, merging].set(into.astype(jnp.int32))
+    is_src = jnp.zeros((batch, num_tokens), bool).at[rows, merging].set(True)
+    return plan_from_parents(parent, is_src, merge_count)

@@ -1,0 +1,118 @@
+"""SSM, the structure stage of SDTM: merge whole windows of mutually similar tokens.
+
+The grid is cut into s x s windows. A window's score is the mean cosine similarity between
+its distinct tokens (self-pairs excluded; the release divides by K^2 with the diagonal in,
+which ranks the same but weights a_s differently) plus a_s times the window's mean frequency
+priority. The top merge_count // (K-1) windows each collapse to one token, their mean;
+unmerge copies the result back to all K positions. Used for attention and MLP inputs alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from sdtm.frequency import FREQUENCY_MODES
+from sdtm.merger import MergeState, advance_counters, check_state, state_priority
+from sdtm.ops import (
+    MergePlan,
+    as_pair,
+    check_merge_count,
+    checked_windows,
+    identity_plan,
+    plan_from_parents,
+    token_window_position,
+    unit_tokens,
+)
+
+
+def window_similarity(metric: jax.Array, windows) -> jax.Array:
+    """Mean pairwise cosine similarity of distinct tokens in each window: [B, N, C] -> [B, W].
+
+    Uses sum_{i != j} <u_i, u_j> = |sum_i u_i|^2 - sum_i |u_i|^2, which costs K*C per window
+    instead of K^2*C.
+    """
+    k = windows.shape[1]
+    unit = unit_tokens(metric)[:, windows]  # (B, W, K, C)
+    total = jnp.sum(unit, axis=2)  # (B, W, C)
+    all_pairs = jnp.sum(total * total, axis=-1)  # (B, W)
+    self_pairs = jnp.sum(unit * unit, axis=(2, 3))  # (B, W)
+    return (all_pairs - self_pairs) / (k * (k - 1))
+
+
+def ssm_plan(
+    metric: jax.Array,
+    merge_count: int,
+    *,
+    grid: tuple[int, int],
+    window: tuple[int, int] = (2, 2),
+    priority: jax.Array | None = None,
+    a_s: float = 0.05,
+) -> MergePlan:
+    """Structure-stage plan: merge the best merge_count // (K-1) windows into their means.
+
+    metric [B, N, C] (N = H*W, row-major); merge_count a Python int, a multiple of K-1 (each
+    window removes K-1 tokens) and at most num_windows * (K-1); priority [B, N] the frequency
+    priority (None: similarity only). Each selected window's slot is seeded by its top-left
+    token. Windows are chosen per batch element (ties: lower window index first).
+    """
+    batch, num_tokens, _ = metric.shape
+    windows = checked_windows(num_tokens, grid, window)  # (W, K) NumPy
+    num_windows, k = windows.shape
+    merge_count = check_merge_count(
+        merge_count, num_windows * (k - 1), f"{num_windows} windows of {k} tokens remove at most that many"
+    )
+    if merge_count % (k - 1):
+        raise ValueError(
+            f"SSM merge_count {merge_count} is not a multiple of {k - 1}: each {window[0]}x{window[1]} "
+            f"window removes {k - 1} tokens; use {merge_count // (k - 1) * (k - 1)}"
+        )
+    if merge_count == 0:
+        return identity_plan(batch, num_tokens)
+    score = window_similarity(metric, windows)  # (B, W)
+    if priority is not None:
+        score = score + a_s * priority.astype(jnp.float32)[:, windows].mean(axis=-1)
+    _, chosen = jax.lax.top_k(score, merge_count // (k - 1))  # (B, n) window ids
+    rows = jnp.arange(batch)[:, None]
+    selected = jnp.zeros((batch, num_windows), bool).at[rows, chosen].set(True)  # (B, W)
+    # Static per-token lookups: the window of each token, its position, the window's seed.
+    token_window, token_pos = token_window_position(as_pair(grid), as_pair(window))
+    seed = windows[token_window, 0]  # (N,) NumPy
+    in_selected = selected[:, token_window]  # (B, N)
+    is_src = in_selected & (token_pos != 0)
+    parent = jnp.where(in_selected, seed, jnp.arange(num_tokens, dtype=jnp.int32))
+    return plan_from_parents(parent, is_src, merge_count)
+
+
+@dataclasses.dataclass(frozen=True)
+class SSMMerger:
+    """Block merger of the structure stage: one SSM plan for attention and MLP.
+
+    frequency: "independent", "merged" or None (see sdtm.frequency); the counters are updated
+    on every call that merges.
+    """
+
+    merge_count: int
+    window: tuple[int, int] = (2, 2)
+    a_s: float = 0.05
+    frequency: str | None = "independent"
+
+    needs_key_attention = False
+
+    def __post_init__(self):
+        if self.frequency is not None and self.frequency not in FREQUENCY_MODES:
+            raise ValueError(f"frequency must be one of {FREQUENCY_MODES} or None, got {self.frequency!r}")
+
+    def build(
+        self, metric: jax.Array, state: MergeState, *, grid: tuple[int, int], key_attention=None
+    ) -> tuple[MergePlan | None, MergePlan | None, MergeState]:
+        check_state(state, metric)
+        if self.merge_count == 0:
+            return None, None, state
+        plan = ssm_plan(
+            metric, self.merge_count, grid=grid, window=self.window,
+            priority=state_priority(state, self.frequency), a_s=self.a_s,
+        )
+        return plan, plan, advance_counters(state, plan, self.frequency)

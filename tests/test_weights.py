@@ -1,0 +1,51 @@
+"""Weights bundles: save/load round trip, dtype casting, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dit_jax.models.dit import variant
+from dit_jax.weights import BundleConfig, Weights, dit_module, init_dit_params, load, save
+
+CFG = variant("DiT-S/8", input_size=16, num_classes=3, depth=2)
+
+
+def _weights():
+    return Weights(dit=init_dit_params(CFG, seed=1), config=BundleConfig(dit=CFG, class_names=("a", "b", "c")))
+
+
+def test_round_trip_is_exact(tmp_path):
+    w = _weights()
+    save(w, tmp_path / "w")
+    back = load(tmp_path / "w")
+    assert back.config == w.config
+    assert jax.tree.structure(back) == jax.tree.structure(w)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(w)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    x = jnp.ones((1, 16, 16, 4))
+    np.testing.assert_array_equal(dit_module(back)(x, jnp.ones(1), jnp.ones(1, jnp.int32)),
+                                  dit_module(w)(x, jnp.ones(1), jnp.ones(1, jnp.int32)))
+
+
+def test_load_bfloat16(tmp_path):
+    save(_weights(), tmp_path / "w")
+    w = load(tmp_path / "w", dtype=jnp.bfloat16)
+    assert {a.dtype for a in jax.tree.leaves(w)} == {jnp.dtype(jnp.bfloat16)}
+    out = dit_module(w)(jnp.ones((1, 16, 16, 4), jnp.bfloat16), jnp.ones(1), jnp.ones(1, jnp.int32))
+    assert out.dtype == jnp.bfloat16 and bool(jnp.isfinite(out.astype(jnp.float32)).all())
+
+
+def test_save_refuses_existing_and_load_explains_missing(tmp_path):
+    save(_weights(), tmp_path / "w")
+    with pytest.raises(FileExistsError, match="force=True"):
+        save(_weights(), tmp_path / "w")
+    with pytest.raises(FileNotFoundError, match="not a dit-jax weights directory.*convert.dit"):
+        load(tmp_path / "nothing")
+
+
+def test_weights_is_a_pytree_with_static_config():
+    w = _weights()
+    leaves, treedef = jax.tree.flatten(w)
+    assert all(hasattr(a, "shape") for a in leaves)
+    assert jax.tree.unflatten(treedef, leaves).config is w.config
