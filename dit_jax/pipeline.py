@@ -1,0 +1,224 @@
+"""sample(): prompts -> class ids, noise, the compiled phase loop with guidance, VAE decode.
+
+The whole denoising loop is one jitted function. Token merging enters as a static tuple of
+phases (`sdtm.schedule`): each phase is a `lax.scan` over its steps with its own static merge
+counts, and the merge state (frequency counters) travels in the scan carry. Prompts, seed and
+guidance scale are traced values: changing them never recompiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import sdtm as sdtm_lib
+from dit_jax.diffusion.samplers import SAMPLER_NAMES, Sampler, make_sampler
+from dit_jax.diffusion.schedule import linear_betas
+from dit_jax.models.dit import guide
+from dit_jax.prompts import Prompt, class_ids
+from dit_jax.weights import Weights, dit_module, load, vae_module
+
+OUTPUTS = ("images", "latents")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingPlan:
+    """Everything static about a sampling run: what one compilation covers."""
+
+    sampler: Sampler
+    phases: tuple  # of sdtm.Phase; one phase with merger None when nothing is merged
+    guided: bool  # classifier-free guidance ([cond; uncond] batch)
+    decode: bool  # run the VAE (or map pixels) to uint8 images
+    progress: bool = False  # print a line per step from inside the compiled loop
+
+
+def denoise(weights: Weights, x: jax.Array, t: jax.Array, cond: jax.Array, *, sdtm_plan=None) -> jax.Array:
+    """One network evaluation: x (B, H, W, C) NHWC, t (B,) timesteps, cond (B,) class ids ->
+    (B, H, W, C_out), all channels the network produces (2C with learned sigma).
+
+    sdtm_plan: an `sdtm.Phase` (or a bare `BlockMerger`) to run with token merging from a fresh
+    merge state; None runs the plain network.
+    """
+    model = dit_module(weights)
+    x = jnp.asarray(x, weights.dtype)
+    t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
+    cond = jnp.asarray(cond, jnp.int32)
+    if sdtm_plan is None:
+        return model(x, t, cond)
+    merger = getattr(sdtm_plan, "merger", sdtm_plan)
+    state = sdtm_lib.init_state(x.shape[0], weights.config.dit.num_tokens)
+    return model.forward_merged(x, t, cond, merger, state)[0]
+
+
+def _to_uint8(images: jax.Array) -> jax.Array:
+    return jnp.round((jnp.clip(images.astype(jnp.float32), -1, 1) + 1) * 127.5).astype(jnp.uint8)
+
+
+@functools.partial(jax.jit, static_argnames=("plan",))
+def _run(weights: Weights, x_T, labels, cfg_scale, key, plan: SamplingPlan):
+    """The compiled sampler: x_T (B, H, W, C), labels (B,) -> uint8 images or final latents."""
+    model = dit_module(weights)
+    cfg = weights.config.dit
+    batch = x_T.shape[0]
+    if plan.guided:
+        labels = jnp.concatenate([labels, jnp.full_like(labels, cfg.null_class)])
+    model_batch = labels.shape[0]
+    state = sdtm_lib.init_state(model_batch, cfg.num_tokens, jax.random.fold_in(key, 1))
+    carry = plan.sampler.init(x_T.astype(jnp.float32))
+    noise_key = jax.random.fold_in(key, 2)
+
+    for phase in plan.phases:
+        merger = phase.merger
+
+        def body(loop, i, merger=merger):
+            carry, state = loop
+            x = plan.sampler.sample(carry).astype(weights.dtype)
+            if plan.guided:
+                x = jnp.concatenate([x, x])
+            t = jnp.full((model_batch,), plan.sampler.timestep(i))
+            if merger is None:
+                out = model(x, t, labels)
+            else:
+                out, state = model.forward_merged(x, t, labels, merger, state)
+            out = out.astype(jnp.float32)
+            if plan.guided:
+                out = guide(out, cfg_scale)[:batch]
+            carry = plan.sampler.step(carry, out, i, jax.random.fold_in(noise_key, i))
+            if plan.progress:
+                jax.debug.callback(_report_step, i, plan.sampler.num_steps)
+            return (carry, state), None
+
+        (carry, state), _ = jax.lax.scan(body, (carry, state), jnp.arange(phase.start, phase.stop))
+
+    latents = plan.sampler.sample(carry)
+    if not plan.decode:
+        return latents
+    if weights.vae is None:  # pixel-space model
+        return _to_uint8(latents)
+    vae = vae_module(weights)
+    scale = weights.config.vae.scaling_factor
+    return _to_uint8(vae.decode((latents / scale).astype(weights.dtype)))
+
+
+def _report_step(i, total):
+    i = int(i)
+    if i == 0 or (i + 1) % max(1, total // 10) == 0 or i + 1 == total:
+        print(f"  step {i + 1}/{total}", flush=True)
+
+
+def merge_phases(sdtm, steps: int, num_tokens: int, grid: tuple[int, int]) -> tuple:
+    """`sdtm` as sample() takes it -> the static phases of the loop."""
+    if sdtm is False or sdtm is None:
+        return (sdtm_lib.Phase(0, steps, "none", 0, None),)
+    if sdtm is True:
+        sdtm = sdtm_lib.SDTMConfig()
+    if not isinstance(sdtm, (sdtm_lib.SDTMConfig, sdtm_lib.ToMeConfig)):
+        raise ValueError(f"sdtm must be False, True, an SDTMConfig or a ToMeConfig, got {sdtm!r}")
+    return tuple(sdtm_lib.schedule(sdtm, steps, num_tokens, grid=grid))
+
+
+def prepare(
+    weights: Weights,
+    prompt: Prompt | Sequence[Prompt],
+    *,
+    sdtm=False,
+    sampler: str = "ddim",
+    steps: int = 50,
+    cfg_scale: float = 4.0,
+    seed: int = 0,
+    num_images: int | None = None,
+    latents=None,
+    output: str = "images",
+    progress: bool = False,
+):
+    """Validate every argument (before anything compiles) and build the static plan and the
+    traced inputs of `_run`. Returns (plan, args)."""
+    cfg = weights.config.dit
+    if sampler not in SAMPLER_NAMES:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    single = isinstance(prompt, (str, int, np.integer))
+    if not single and num_images is not None and len(prompt) != num_images:
+        raise ValueError(
+            f"{len(prompt)} prompts for num_images={num_images}: give one prompt per image, or one prompt "
+            "to repeat num_images times"
+        )
+    count = (num_images or 1) if single else len(prompt)
+    labels = class_ids([prompt] * count if single else list(prompt), weights.config.class_names, cfg.num_classes)
+    shape = (count, cfg.input_size, cfg.input_size, cfg.in_channels)
+    if latents is None:
+        x_T = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+    else:
+        x_T = jnp.asarray(latents, jnp.float32)
+        if x_T.shape != shape:
+            raise ValueError(
+                f"latents have shape {tuple(x_T.shape)}; this model samples {shape} "
+                f"(batch, {cfg.input_size}, {cfg.input_size}, {cfg.in_channels}) for {count} image(s)"
+            )
+    guided = cfg_scale != 1.0
+    if guided and cfg.class_dropout_prob <= 0:
+        raise ValueError("this model has no null class (trained without label dropout): use cfg_scale=1.0")
+    plan = SamplingPlan(
+        sampler=make_sampler(sampler, steps=int(steps), betas=linear_betas()),
+        phases=merge_phases(sdtm, int(steps), cfg.num_tokens, cfg.grid),
+        guided=guided,
+        decode=output == "images",
+        progress=progress,
+    )
+    args = (weights, x_T, jnp.asarray(labels), jnp.float32(cfg_scale), jax.random.key(seed))
+    return plan, args
+
+
+def sample(
+    weights: Weights | None = None,
+    prompt: Prompt | Sequence[Prompt] = 0,
+    *,
+    sdtm=False,
+    sampler: str = "ddim",
+    steps: int = 50,
+    cfg_scale: float = 4.0,
+    seed: int = 0,
+    num_images: int | None = None,
+    latents=None,
+    output: str = "images",
+) -> np.ndarray:
+    """Generate images for class prompts.
+
+    Args:
+      weights: a bundle from `load()`; None loads the model shipped in the package.
+      prompt: a class name ("golden retriever", case-insensitive, synonyms allowed), an int id,
+        or a list of them (one per image).
+      sdtm: False, True (SDTM with the defaults), an `SDTMConfig` or a `ToMeConfig`.
+      sampler: "ddim", "ddpm" (DiT's learned variance) or "dpm++" (DPM-Solver++ 2M); timesteps
+        are respaced the way DiT does it and the model is fed the original 0..999 timesteps.
+      steps: network evaluations; cfg_scale: classifier-free guidance (1.0 turns it off), applied
+        to the first three channels as DiT does.
+      seed: initial noise and sampler noise; num_images: images for a single prompt (default 1).
+      latents: optional initial noise (B, H, W, C) NHWC instead of the seed's.
+      output: "images" (uint8 NHWC) or "latents" (float32 NHWC, before the VAE).
+    """
+    weights = load() if weights is None else weights
+    plan, args = prepare(
+        weights, prompt, sdtm=sdtm, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed,
+        num_images=num_images, latents=latents, output=output,
+    )
+    return np.asarray(_run(*args, plan=plan))
+
+
+def compile_and_run(plan: SamplingPlan, args) -> tuple[np.ndarray, float, float]:
+    """Run `_run` with compile time measured apart: (result, compile seconds, run seconds)."""
+    start = time.perf_counter()
+    compiled = _run.lower(*args, plan=plan).compile()
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    result = np.asarray(jax.block_until_ready(compiled(*args)))
+    return result, compile_s, time.perf_counter() - start
