@@ -95,7 +95,8 @@ def _layout(config: VAEConfig) -> Iterator[tuple[str, Path, tuple, str]]:
             )
         if i < levels - 1:
             yield from _conv(
-                f"encoder.down_blocks.{i}.downsamplers.0.conv", enc + ("down_blocks", i, "downsample"), chans[i], chans[i], 3
+                f"encoder.down_blocks.{i}.downsamplers.0.conv", enc + ("down_blocks", i, "downsample"),
+                chans[i], chans[i], 3,
             )
     yield from _mid_block("encoder.mid_block", enc + ("mid_block",), chans[-1], config.mid_block_add_attention)
     yield from _norm("encoder.conv_norm_out", enc + ("norm_out",), chans[-1])
@@ -167,7 +168,7 @@ def _read_config(path: str) -> VAEConfig:
     if not os.path.isfile(path):
         raise ConversionError(
             f"{path}: not found; a diffusers AutoencoderKL directory holds config.json next to its weights "
-            "(pass config=... when converting a lone weights file)"
+            "(for a lone weights file pass config=..., on the command line --config)"
         )
     try:
         with open(path) as f:
@@ -218,8 +219,10 @@ def _modernise_keys(source: str, state: dict[str, np.ndarray]) -> dict[str, np.n
             if param == "weight" and value.ndim == 4 and value.shape[2:] == (1, 1):
                 value = value[:, :, 0, 0]
         if new_key in out:
-            first = renamed_from.get(new_key, new_key)
-            raise ConversionError(f"{source}: both {first!r} and {key!r} are present; they name the same weight")
+            pair = sorted((renamed_from[new_key], key))
+            raise ConversionError(
+                f"{source}: {pair[0]!r} and {pair[1]!r} are both present and name the same weight; keep one"
+            )
         out[new_key] = value
         renamed_from[new_key] = key
     return out
@@ -255,7 +258,9 @@ def convert_state_dict(source: str, state: dict[str, np.ndarray], config: VAECon
     return params
 
 
-def convert_vae(src: str | os.PathLike, *, config: VAEConfig | dict | str | os.PathLike | None = None) -> tuple[VAEConfig, dict]:
+def convert_vae(
+    src: str | os.PathLike, *, config: VAEConfig | dict | str | os.PathLike | None = None
+) -> tuple[VAEConfig, dict]:
     """Read a diffusers AutoencoderKL and return `(VAEConfig, params)`.
 
     `src` is a model directory (config.json + diffusion_pytorch_model.{safetensors,bin}), a whole

@@ -61,6 +61,13 @@ def _find(folder: Path, name: str) -> Path | None:
     return None
 
 
+def available(split: str = "train", root: str | os.PathLike | None = None) -> bool:
+    """Whether both idx files of `split` are where `load_fashion_mnist` would look (cheap: no read)."""
+    folder = data_root(root)
+    stem = _FILE_STEMS[split]
+    return all(_find(folder, f"{stem}-{kind}") is not None for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"))
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """One idx file (gzip'd if its name ends in .gz) -> uint8 array of the shape its header gives."""
     path = Path(path)

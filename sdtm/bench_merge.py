@@ -3,8 +3,10 @@
     python -m sdtm.bench_merge                      # CPU, B=2, C=1152, N in 256/1024/4096
     python -m sdtm.bench_merge --tokens 1024 --dtype bfloat16
 
-Every variant computes exactly `sdtm.merge` (tests/test_ops.py checks that they agree):
-  scatter_add  gather the M seeds, scatter-add the R sources into them (what sdtm.merge does)
+Every variant computes `sdtm.merge` up to round-off (tests/test_ops.py checks that they agree):
+  offsets      sdtm.merge: seeds + scatter-added (source - seed) offsets / group size; two
+               gathers of R rows, exact when a group's tokens are equal
+  sum_scatter  seeds + scatter-added sources, times 1/group size (one gather of R rows fewer)
   segment_sum  one segment_sum of all N tokens by token_slot (no gathers, a scatter of N rows)
   sorted_sum   gather tokens in slot order, then a sorted segment_sum (the order would have to
                be a new plan field; here it is precomputed outside the timed function)
@@ -25,8 +27,17 @@ from sdtm.ssm import ssm_plan
 from sdtm.tome import tome_plan
 
 
-def merge_scatter_add(plan: MergePlan, x: jax.Array) -> jax.Array:
+def merge_offsets(plan: MergePlan, x: jax.Array) -> jax.Array:
     return merge(plan, x)
+
+
+def merge_sum_scatter(plan: MergePlan, x: jax.Array) -> jax.Array:
+    """Seeds plus the scatter-added sources, times 1/group size (not exact for equal tokens)."""
+    kept = jnp.take_along_axis(x, plan.keep_index[..., None], axis=1).astype(jnp.float32)  # (B, M, C)
+    sources = jnp.take_along_axis(x, plan.src_index[..., None], axis=1).astype(jnp.float32)  # (B, R, C)
+    batch = jnp.arange(x.shape[0])[:, None]
+    summed = kept.at[batch, plan.src_slot].add(sources)
+    return (summed * plan.slot_scale[..., None]).astype(x.dtype)
 
 
 def merge_segment_sum(plan: MergePlan, x: jax.Array) -> jax.Array:
@@ -59,15 +70,18 @@ def merge_one_hot(plan: MergePlan, x: jax.Array) -> jax.Array:
     return (summed * plan.slot_scale[..., None]).astype(x.dtype)
 
 
-def _time(fn, *args, reps: int) -> float:
-    """Best wall time of `reps` calls in ms (after one compile-and-warm-up call)."""
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
+def _time_all(calls: dict, reps: int) -> dict[str, float]:
+    """Best wall time in ms of each (fn, *args) in `calls`, after a warm-up call each. The
+    variants take turns, so a busy machine slows them alike."""
+    for fn, *args in calls.values():
         jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+    best = dict.fromkeys(calls, float("inf"))
+    for _ in range(reps):
+        for name, (fn, *args) in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: t * 1e3 for name, t in best.items()}
 
 
 def run(tokens: list[int], batch: int, channels: int, dtype: str, reps: int, one_hot_max: int) -> None:
@@ -86,20 +100,21 @@ def run(tokens: list[int], batch: int, channels: int, dtype: str, reps: int, one
             "tome": jax.jit(lambda m: tome_plan(m, count_idm, grid=grid, key=jax.random.key(0))),
         }
         for name, build in builders.items():
-            build_ms = _time(build, metric, reps=reps)
             plan = build(metric)
             order, sorted_slot = jax.jit(slot_order)(plan)
-            row = {
-                "scatter_add": _time(jax.jit(merge_scatter_add), plan, x, reps=reps),
-                "segment_sum": _time(jax.jit(merge_segment_sum), plan, x, reps=reps),
-                "sorted_sum": _time(jax.jit(merge_sorted_sum), plan, x, order, sorted_slot, reps=reps),
+            calls = {
+                "build": (build, metric),
+                "offsets": (jax.jit(merge_offsets), plan, x),
+                "sum_scatter": (jax.jit(merge_sum_scatter), plan, x),
+                "segment_sum": (jax.jit(merge_segment_sum), plan, x),
+                "sorted_sum": (jax.jit(merge_sorted_sum), plan, x, order, sorted_slot),
             }
             if num_tokens <= one_hot_max:
-                row["one_hot"] = _time(jax.jit(merge_one_hot), plan, x, reps=reps)
-            y = merge(plan, x)
-            row["unmerge"] = _time(jax.jit(unmerge), plan, y, reps=reps)
+                calls["one_hot"] = (jax.jit(merge_one_hot), plan, x)
+            calls["unmerge"] = (jax.jit(unmerge), plan, merge(plan, x))
+            row = _time_all(calls, reps)
             cells = "  ".join(f"{k} {v:8.3f}" for k, v in row.items())
-            print(f"N={num_tokens:5d} {name:4s} R={plan.merge_count:5d}  build {build_ms:8.3f}  {cells}")
+            print(f"N={num_tokens:5d} {name:4s} R={plan.merge_count:5d}  {cells}", flush=True)
 
 
 def main() -> None:

@@ -59,20 +59,23 @@ def _take_tokens(x: jax.Array, index: jax.Array) -> jax.Array:
 def merge(plan: MergePlan | None, x: jax.Array) -> jax.Array:
     """Mean of every merged group: [B, N, C] -> [B, N - merge_count, C]. `None` is the identity.
 
-    Gather the slot seeds, scatter-add the sources into their slots, scale by 1/group size.
-    (Measured on CPU against a segment_sum over all N tokens and a one-hot matmul: this is the
-    fastest; see sdtm/bench_merge.py.)
+    Computed as seed + (sum of member - seed offsets) / group size, in float32: the offsets
+    vanish when a group's tokens are equal, so merging equal tokens returns them bit for bit
+    (and bf16 activations lose nothing to a large running sum). Gathers plus one scatter-add of
+    the merge_count sources; see sdtm/bench_merge.py for the alternatives measured.
     """
     if plan is None:
         return x
     kept = _take_tokens(x, plan.keep_index)  # (B, M, C)
     if plan.merge_count == 0:
         return kept
-    # Sum in float32 so bf16 activations do not lose the small additions.
-    sources = _take_tokens(x, plan.src_index).astype(jnp.float32)  # (B, R, C)
+    seed_of_src = jnp.take_along_axis(plan.keep_index, plan.src_slot, axis=1)  # (B, R)
+    offsets = _take_tokens(x, plan.src_index).astype(jnp.float32) - _take_tokens(x, seed_of_src).astype(
+        jnp.float32
+    )  # (B, R, C)
     batch = jnp.arange(x.shape[0])[:, None]
-    summed = kept.astype(jnp.float32).at[batch, plan.src_slot].add(sources)
-    return (summed * plan.slot_scale[..., None]).astype(x.dtype)
+    summed = jnp.zeros(kept.shape, jnp.float32).at[batch, plan.src_slot].add(offsets)  # (B, M, C)
+    return (kept.astype(jnp.float32) + summed * plan.slot_scale[..., None]).astype(x.dtype)
 
 
 def unmerge(plan: MergePlan | None, y: jax.Array) -> jax.Array:
@@ -184,6 +187,16 @@ def token_window_position(grid: tuple[int, int], window: tuple[int, int]) -> tup
     token_window[windows.reshape(-1)] = np.repeat(np.arange(num_windows, dtype=np.int32), k)
     token_pos[windows.reshape(-1)] = np.tile(np.arange(k, dtype=np.int32), num_windows)
     return token_window, token_pos
+
+
+def window_sum(values: jax.Array, grid: tuple[int, int], window: tuple[int, int]) -> jax.Array:
+    """Sum over each window: [B, N, ...] -> [B, num_windows, ...] (windows row-major, as in
+    `window_tokens`). A reshape and a reduction, no gather."""
+    height, width = grid
+    win_h, win_w = window
+    batch, rest = values.shape[0], values.shape[2:]
+    blocks = values.reshape(batch, height // win_h, win_h, width // win_w, win_w, *rest)
+    return blocks.sum(axis=(2, 4)).reshape(batch, (height // win_h) * (width // win_w), *rest)
 
 
 def as_pair(value) -> tuple[int, int]:

@@ -25,20 +25,21 @@ from sdtm.ops import (
     plan_from_parents,
     token_window_position,
     unit_tokens,
+    window_sum,
 )
 
 
-def window_similarity(metric: jax.Array, windows) -> jax.Array:
+def window_similarity(metric: jax.Array, grid: tuple[int, int], window: tuple[int, int]) -> jax.Array:
     """Mean pairwise cosine similarity of distinct tokens in each window: [B, N, C] -> [B, W].
 
     Uses sum_{i != j} <u_i, u_j> = |sum_i u_i|^2 - sum_i |u_i|^2, which costs K*C per window
-    instead of K^2*C.
+    instead of K^2*C, and needs only window sums (a reshape, no gather).
     """
-    k = windows.shape[1]
-    unit = unit_tokens(metric)[:, windows]  # (B, W, K, C)
-    total = jnp.sum(unit, axis=2)  # (B, W, C)
+    k = window[0] * window[1]
+    unit = unit_tokens(metric)  # (B, N, C)
+    total = window_sum(unit, grid, window)  # (B, W, C)
     all_pairs = jnp.sum(total * total, axis=-1)  # (B, W)
-    self_pairs = jnp.sum(unit * unit, axis=(2, 3))  # (B, W)
+    self_pairs = window_sum(jnp.sum(unit * unit, axis=-1), grid, window)  # (B, W): K, less zero tokens
     return (all_pairs - self_pairs) / (k * (k - 1))
 
 
@@ -60,6 +61,7 @@ def ssm_plan(
     """
     batch, num_tokens, _ = metric.shape
     windows = checked_windows(num_tokens, grid, window)  # (W, K) NumPy
+    grid, window = as_pair(grid), as_pair(window)
     num_windows, k = windows.shape
     merge_count = check_merge_count(
         merge_count, num_windows * (k - 1), f"{num_windows} windows of {k} tokens remove at most that many"
@@ -71,14 +73,14 @@ def ssm_plan(
         )
     if merge_count == 0:
         return identity_plan(batch, num_tokens)
-    score = window_similarity(metric, windows)  # (B, W)
+    score = window_similarity(metric, grid, window)  # (B, W)
     if priority is not None:
-        score = score + a_s * priority.astype(jnp.float32)[:, windows].mean(axis=-1)
+        score = score + (a_s / k) * window_sum(priority.astype(jnp.float32), grid, window)
     _, chosen = jax.lax.top_k(score, merge_count // (k - 1))  # (B, n) window ids
     rows = jnp.arange(batch)[:, None]
     selected = jnp.zeros((batch, num_windows), bool).at[rows, chosen].set(True)  # (B, W)
     # Static per-token lookups: the window of each token, its position, the window's seed.
-    token_window, token_pos = token_window_position(as_pair(grid), as_pair(window))
+    token_window, token_pos = token_window_position(grid, window)
     seed = windows[token_window, 0]  # (N,) NumPy
     in_selected = selected[:, token_window]  # (B, N)
     is_src = in_selected & (token_pos != 0)

@@ -129,7 +129,9 @@ class VAEConfig:
             raise ValueError(f"the config is for a {class_name!r} model; only AutoencoderKL is supported")
         unknown = sorted(set(config_json) - set(_DIFFUSERS_DEFAULTS) - _IGNORED_DIFFUSERS_KEYS)
         if unknown:
-            raise ValueError(f"unsupported AutoencoderKL config keys {unknown}; this converter knows {sorted(_DIFFUSERS_DEFAULTS)}")
+            raise ValueError(
+                f"unsupported AutoencoderKL config keys {unknown}; supported keys: {sorted(_DIFFUSERS_DEFAULTS)}"
+            )
         c = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in config_json.items() if k in _DIFFUSERS_DEFAULTS}}
 
         levels = len(c["block_out_channels"])
@@ -188,7 +190,9 @@ class GroupNorm(nnx.Module):
         return (normed * self.scale[...] + self.bias[...]).astype(self.dtype)
 
 
-def _conv(cin: int, cout: int, kernel: int, rngs: nnx.Rngs, dtype: Any, *, stride: int = 1, padding: Any = None) -> nnx.Conv:
+def _conv(
+    cin: int, cout: int, kernel: int, rngs: nnx.Rngs, dtype: Any, *, stride: int = 1, padding: Any = None
+) -> nnx.Conv:
     """A 2D conv with PyTorch's symmetric `kernel // 2` padding unless told otherwise."""
     if padding is None:
         padding = ((kernel // 2, kernel // 2),) * 2
@@ -206,7 +210,7 @@ class ResnetBlock(nnx.Module):
         self.conv_shortcut = _conv(cin, cout, 1, rngs, dtype) if cin != cout else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        h = self.conv1(jax.nn.silu(self.norm1(x)))  # (B, H, W, cout)
         h = self.conv2(jax.nn.silu(self.norm2(h)))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return skip + h
@@ -227,7 +231,7 @@ class AttentionBlock(nnx.Module):
         tokens = self.norm(x).reshape(b, h * w, 1, c)  # (B, T, heads=1, C)
         # Logits and softmax run in float32 inside dot_product_attention for any input dtype.
         attended = jax.nn.dot_product_attention(self.query(tokens), self.key(tokens), self.value(tokens))
-        return x + self.out(attended.reshape(b, h, w, c))
+        return x + self.out(attended.reshape(b, h, w, c))  # (B, H, W, C)
 
 
 class MidBlock(nnx.Module):
@@ -247,7 +251,9 @@ class MidBlock(nnx.Module):
 class DownBlock(nnx.Module):
     """Resnets at one resolution, then (except at the last level) a stride-2 conv."""
 
-    def __init__(self, cin: int, cout: int, num_resnets: int, groups: int, downsample: bool, *, rngs: nnx.Rngs, dtype: Any):
+    def __init__(
+        self, cin: int, cout: int, num_resnets: int, groups: int, downsample: bool, *, rngs: nnx.Rngs, dtype: Any
+    ):
         self.resnets = nnx.List(
             [ResnetBlock(cin if i == 0 else cout, cout, groups, rngs=rngs, dtype=dtype) for i in range(num_resnets)]
         )
@@ -259,13 +265,15 @@ class DownBlock(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         for resnet in self.resnets:
             x = resnet(x)
-        return x if self.downsample is None else self.downsample(x)
+        return x if self.downsample is None else self.downsample(x)  # (B, H/2, W/2, C) when downsampling
 
 
 class UpBlock(nnx.Module):
     """Resnets at one resolution, then (except at the last level) nearest 2x upsampling + conv3x3."""
 
-    def __init__(self, cin: int, cout: int, num_resnets: int, groups: int, upsample: bool, *, rngs: nnx.Rngs, dtype: Any):
+    def __init__(
+        self, cin: int, cout: int, num_resnets: int, groups: int, upsample: bool, *, rngs: nnx.Rngs, dtype: Any
+    ):
         self.resnets = nnx.List(
             [ResnetBlock(cin if i == 0 else cout, cout, groups, rngs=rngs, dtype=dtype) for i in range(num_resnets)]
         )
@@ -347,9 +355,8 @@ class AutoencoderKL(nnx.Module):
         self.encoder = Encoder(config, rngs=rngs, dtype=dtype)
         self.decoder = Decoder(config, rngs=rngs, dtype=dtype)
         self.quant_conv = _conv(moments, moments, 1, rngs, dtype) if config.use_quant_conv else None
-        self.post_quant_conv = (
-            _conv(config.latent_channels, config.latent_channels, 1, rngs, dtype) if config.use_post_quant_conv else None
-        )
+        latent = config.latent_channels
+        self.post_quant_conv = _conv(latent, latent, 1, rngs, dtype) if config.use_post_quant_conv else None
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Images (B, H, W, in_channels) in [-1, 1] -> (mean, logvar), each (B, H/f, W/f, latent).
@@ -357,7 +364,7 @@ class AutoencoderKL(nnx.Module):
         Latents are unscaled: multiply `mean` (or a sample `mean + exp(logvar / 2) * noise`) by
         `config.scaling_factor` for diffusion. `logvar` is clamped to [-30, 20] like diffusers.
         """
-        moments = self.encoder(x.astype(self.dtype))
+        moments = self.encoder(x.astype(self.dtype))  # (B, H/f, W/f, 2 * latent)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
         mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)

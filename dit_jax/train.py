@@ -1,0 +1,683 @@
+"""Train a small class-conditional DiT in pixel space on Fashion-MNIST (how the embedded default is made).
+
+    python -m dit_jax.train --out out/fashion-dit --time-limit 300 --export-dtype bfloat16
+
+DiT's recipe, scaled down: epsilon-prediction MSE on DiT's linear-beta 1000-step chain, uniform
+timesteps, labels dropped to the null class for classifier-free guidance, AdamW with gradient
+clipping, an EMA of the weights that becomes the shipped model. With a learned sigma (the default,
+as in DiT) IDDPM's variational bound trains the variance channels, with the mean frozen.
+
+Everything one step needs happens in one compiled program: the whole data set sits on the device
+and each step draws its own batch, timesteps, noise and label dropout from a key folded with the
+step number (so a resumed run draws exactly what an uninterrupted one would have).
+
+Outputs under --out:
+    train_config.json   the arguments of the run (checked on --resume)
+    train_state/        orbax checkpoints of params, EMA, optimizer state, step
+    final/              the EMA weights as a dit-jax bundle (`dit_jax.load(OUT / "final")`)
+"""
+
+from __future__ import annotations
+
+import time
+
+_PROCESS_START = time.monotonic()  # --time-limit counts from here when run as a program
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import math
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from dit_jax.data import CLASS_NAMES, load_fashion_mnist
+from dit_jax.models.dit import DiT, DiTConfig
+from dit_jax.weights import BundleConfig, Weights, cast, save
+
+try:
+    from dit_jax.diffusion.schedule import linear_betas
+except ImportError:  # the schedule module is optional here: the same formula inline
+    def linear_betas(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
+        return np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float64)
+
+NUM_TRAIN_TIMESTEPS = 1000
+IMAGE_SIZE = 32  # Fashion-MNIST padded to 32x32 by dit_jax.data
+DATASET_NAME = "Fashion-MNIST train (60,000)"
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_LOSS_SMOOTHING = 0.99  # EMA factor of the logged loss
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Every option of a run; the CLI flags have the same names (`--batch-size` for batch_size)."""
+
+    out: str
+    steps: int = 100_000  # total steps (a resumed run counts the steps already done)
+    batch_size: int = 128
+    lr: float = 3e-4
+    warmup: int = 1000  # linear warm-up steps from 0 to lr
+    lr_schedule: str = "constant"  # "constant" (as DiT) or "cosine" (to 0.1 lr at --steps)
+    weight_decay: float = 0.0  # DiT trains with none
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999  # ceiling; warmed up as min(decay, (1 + step) / (10 + step))
+    hidden_size: int = 256
+    depth: int = 8
+    num_heads: int = 4
+    patch_size: int = 2
+    learn_sigma: bool = True
+    class_dropout: float = 0.1
+    seed: int = 0
+    log_every: int = 100
+    ckpt_every: int = 2000
+    dtype: str = "float32"  # compute dtype; parameters and optimizer state stay float32
+    export_dtype: str = "float32"  # dtype of the params in the final bundle
+    limit: int | None = None  # train on the first N images only
+    resume: bool = False
+    time_limit: float | None = None  # seconds of wall time for the whole run, final save included
+    time_reserve: float = 20.0  # seconds kept back from --time-limit for the final saves
+    data_root: str | None = None  # folder of the idx files (default: $DIT_JAX_DATA, then the Debian package's)
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "ckpt_every", "hidden_size", "depth", "num_heads", "patch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if not 0.0 <= self.class_dropout < 1.0:
+            raise ValueError(f"class_dropout must be in [0, 1), got {self.class_dropout}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        for name in ("dtype", "export_dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ValueError(f"{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1 images, got {self.limit}")
+
+    def dit_config(self) -> DiTConfig:
+        """The model this run trains: 32x32 single-channel pixels, 10 classes (+ the null class)."""
+        return DiTConfig(
+            input_size=IMAGE_SIZE,
+            patch_size=self.patch_size,
+            in_channels=1,
+            hidden_size=self.hidden_size,
+            depth=self.depth,
+            num_heads=self.num_heads,
+            class_dropout_prob=self.class_dropout,
+            num_classes=len(CLASS_NAMES),
+            learn_sigma=self.learn_sigma,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters: DiT's initialisation over nested dicts with string keys (orbax- and optax-friendly)
+
+
+def _str_keys(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {str(k): _str_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def _int_keys(tree: Any) -> Any:
+    # nnx.List children (the blocks) are addressed by int; checkpoints store every key as a string.
+    if isinstance(tree, dict):
+        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def _dit_style_init(path: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """DiT's initialize_weights for one float32 parameter, by its path ("blocks/3/attn/qkv/kernel").
+
+    Xavier-uniform linears with zero biases; the patch embedding xavier-uniform as a flattened
+    (in*p*p -> hidden) linear; label table and timestep MLP weights N(0, 0.02); every adaLN
+    modulation and the final linear zero (adaLN-Zero: each block starts as the identity and
+    the network's first output is 0).
+    """
+    parts = path.split("/")
+    if "adaLN_modulation" in parts or parts[:2] == ["final_layer", "linear"] or parts[-1] == "bias":
+        return np.zeros(shape, np.float32)
+    if parts[0] == "y_embedder" or (parts[0] == "t_embedder" and parts[-1] == "kernel"):
+        return rng.normal(0.0, 0.02, shape).astype(np.float32)
+    if parts[-1] == "kernel":
+        fan_in, fan_out = int(np.prod(shape[:-1])), shape[-1]  # conv kernels: (p, p, C_in, D)
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        return rng.uniform(-bound, bound, shape).astype(np.float32)
+    raise ValueError(f"no DiT initialisation rule for parameter {path!r}")
+
+
+def _map_with_path(fn: Callable[[str, Any], Any], tree: dict, prefix: str = "") -> dict:
+    return {
+        k: _map_with_path(fn, v, f"{prefix}{k}/") if isinstance(v, dict) else fn(f"{prefix}{k}", v)
+        for k, v in tree.items()
+    }
+
+
+def init_params(config: DiTConfig, seed: int = 0) -> tuple[dict, dict]:
+    """DiT-initialised float32 (params, buffers) as nested dicts with string keys.
+
+    params are the trained nnx.Param leaves; buffers the rest (the fixed pos_embed).
+    """
+    def make_split():
+        _, params, buffers = nnx.split(DiT(config, rngs=nnx.Rngs(0), dtype=jnp.float32), nnx.Param, ...)
+        return nnx.to_pure_dict(params), nnx.to_pure_dict(buffers)
+
+    # Only shapes are needed from the module's own initialisers: building it eagerly would
+    # compile one small program per parameter shape (seconds on CPU).
+    param_shapes = jax.eval_shape(lambda: make_split()[0])
+    buffers = jax.jit(lambda: make_split()[1])()  # constants; the random parameters are dead code
+    rng = np.random.default_rng(seed)
+    params = _map_with_path(lambda path, a: jnp.asarray(_dit_style_init(path, a.shape, rng)), _str_keys(param_shapes))
+    return params, _str_keys(buffers)
+
+
+@functools.lru_cache(maxsize=None)
+def _graphdef(config: DiTConfig, dtype) -> nnx.GraphDef:
+    abstract = nnx.eval_shape(lambda: DiT(config, rngs=nnx.Rngs(0), dtype=dtype))
+    return nnx.split(abstract, nnx.Param, ...)[0]
+
+
+def build_module(config: DiTConfig, params: dict, buffers: dict, dtype=jnp.float32) -> DiT:
+    """The DiT over `params` and `buffers` (string-keyed), computing in `dtype` (leaves are cast)."""
+    def to(a):
+        return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+
+    return nnx.merge(
+        _graphdef(config, dtype), _int_keys(jax.tree.map(to, params)), _int_keys(jax.tree.map(to, buffers))
+    )
+
+
+def count_params(params: dict) -> int:
+    return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
+
+
+# ---------------------------------------------------------------------------------------------
+# The diffusion objective
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionTables:
+    """Per-timestep constants of the training chain, float32 (computed in float64)."""
+
+    sqrt_alphas_cumprod: jax.Array
+    sqrt_one_minus_alphas_cumprod: jax.Array
+    sqrt_recip_alphas_cumprod: jax.Array
+    sqrt_recipm1_alphas_cumprod: jax.Array
+    posterior_mean_coef_x0: jax.Array  # weight of x_0 in the mean of q(x_{t-1} | x_t, x_0)
+    posterior_mean_coef_xt: jax.Array  # weight of x_t in that mean
+    posterior_log_variance_clipped: jax.Array  # log variance of q(x_{t-1} | x_t, x_0); t=0 borrows t=1's
+    log_betas: jax.Array
+
+    @classmethod
+    def from_betas(cls, betas: np.ndarray) -> DiffusionTables:
+        betas = np.asarray(betas, np.float64)
+        alphas = 1.0 - betas
+        ac = np.cumprod(alphas)
+        ac_prev = np.concatenate([[1.0], ac[:-1]])
+        posterior_variance = betas * (1.0 - ac_prev) / (1.0 - ac)
+        # The variance at t=0 is 0; IDDPM clips its log to the t=1 value so the range stays finite.
+        clipped = np.log(np.concatenate([posterior_variance[1:2], posterior_variance[1:]]))
+        tables = dict(
+            sqrt_alphas_cumprod=np.sqrt(ac),
+            sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - ac),
+            sqrt_recip_alphas_cumprod=np.sqrt(1.0 / ac),
+            sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / ac - 1.0),
+            posterior_mean_coef_x0=betas * np.sqrt(ac_prev) / (1.0 - ac),
+            posterior_mean_coef_xt=(1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
+            posterior_log_variance_clipped=clipped,
+            log_betas=np.log(betas),
+        )
+        return cls(**{k: jnp.asarray(v, jnp.float32) for k, v in tables.items()})
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.log_betas.shape[0]
+
+
+def _at(table: jax.Array, t: jax.Array) -> jax.Array:
+    return table[t][:, None, None, None]  # (B, 1, 1, 1), broadcast over NHWC
+
+
+def gaussian_kl(mean1: jax.Array, logvar1: jax.Array, mean2: jax.Array, logvar2: jax.Array) -> jax.Array:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) per element, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2) + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
+
+
+def _approx_standard_normal_cdf(x: jax.Array) -> jax.Array:
+    # The tanh approximation IDDPM uses (close to Phi within ~1e-3, cheap and smooth).
+    return 0.5 * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def discretized_gaussian_log_likelihood(x: jax.Array, mean: jax.Array, log_scale: jax.Array) -> jax.Array:
+    """log P(x) per element for 8-bit data scaled to [-1, 1] under N(mean, e^(2 log_scale)).
+
+    Each of the 256 levels owns a bin of width 2/255; the two end bins reach to -inf / +inf.
+    """
+    centered = x - mean
+    inv_std = jnp.exp(-log_scale)
+    cdf_upper = _approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
+    cdf_lower = _approx_standard_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+    log_cdf_upper = jnp.log(jnp.maximum(cdf_upper, 1e-12))
+    log_one_minus_cdf_lower = jnp.log(jnp.maximum(1.0 - cdf_lower, 1e-12))
+    log_bin = jnp.log(jnp.maximum(cdf_upper - cdf_lower, 1e-12))
+    return jnp.where(x < -0.999, log_cdf_upper, jnp.where(x > 0.999, log_one_minus_cdf_lower, log_bin))
+
+
+def _mean_per_image(a: jax.Array) -> jax.Array:
+    return a.reshape(a.shape[0], -1).mean(axis=1)  # (B,)
+
+
+def variational_bound_terms(
+    tables: DiffusionTables, x0: jax.Array, xt: jax.Array, t: jax.Array, eps_pred: jax.Array, var_values: jax.Array
+) -> jax.Array:
+    """IDDPM's L_vlb for a learned-range variance, per image in bits: (B,).
+
+    var_values in [-1, 1] interpolate the log variance between the posterior's (-1) and beta_t's (+1).
+    The caller freezes eps_pred (stop_gradient) so this term only trains the variance, as DiT does.
+    t > 0: KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)); t == 0: -log p(x_0 | x_1), discretised.
+    """
+    min_log = _at(tables.posterior_log_variance_clipped, t)
+    max_log = _at(tables.log_betas, t)
+    frac = (var_values + 1.0) / 2.0
+    model_log_var = frac * max_log + (1.0 - frac) * min_log
+    pred_x0 = _at(tables.sqrt_recip_alphas_cumprod, t) * xt - _at(tables.sqrt_recipm1_alphas_cumprod, t) * eps_pred
+    coef_x0, coef_xt = _at(tables.posterior_mean_coef_x0, t), _at(tables.posterior_mean_coef_xt, t)
+    model_mean = coef_x0 * pred_x0 + coef_xt * xt
+    true_mean = coef_x0 * x0 + coef_xt * xt
+    kl = _mean_per_image(gaussian_kl(true_mean, min_log, model_mean, model_log_var)) / math.log(2.0)
+    nll = -_mean_per_image(discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var)) / math.log(2.0)
+    return jnp.where(t == 0, nll, kl)
+
+
+def diffusion_loss(
+    model: DiT, tables: DiffusionTables, x0: jax.Array, t: jax.Array, y: jax.Array, noise: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """DiT's training loss on one batch: eps MSE (+ the variance VLB when the model learns sigma).
+
+    x0 (B, H, W, C) in [-1, 1], t (B,) int timesteps, y (B,) labels (null class included),
+    noise (B, H, W, C). Returns (scalar loss, {"mse", "vb"}), all float32.
+    """
+    xt = _at(tables.sqrt_alphas_cumprod, t) * x0 + _at(tables.sqrt_one_minus_alphas_cumprod, t) * noise
+    compute_dtype = model.x_embedder.proj.kernel[...].dtype
+    out = model(xt.astype(compute_dtype), t, y).astype(jnp.float32)  # (B, H, W, C or 2C)
+    channels = x0.shape[-1]
+    eps_pred = out[..., :channels]
+    mse = _mean_per_image(jnp.square(noise - eps_pred)).mean()
+    if out.shape[-1] == channels:
+        return mse, {"mse": mse, "vb": jnp.zeros_like(mse)}
+    vb = variational_bound_terms(tables, x0, xt, t, jax.lax.stop_gradient(eps_pred), out[..., channels:]).mean()
+    return mse + vb, {"mse": mse, "vb": vb}
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimiser, train state and the compiled step
+
+
+def learning_rate(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warm-up from 0, then constant (DiT) or cosine down to 0.1 lr at --steps."""
+    if cfg.lr_schedule == "cosine":
+        after = optax.cosine_decay_schedule(cfg.lr, max(cfg.steps - cfg.warmup, 1), alpha=0.1)
+    else:
+        after = optax.constant_schedule(cfg.lr)
+    if cfg.warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup), after], [cfg.warmup])
+
+
+def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.adamw(learning_rate(cfg), b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay),
+    )
+
+
+def ema_decay_at(step: jax.Array, ceiling: float) -> jax.Array:
+    """EMA decay at `step`: the (1+s)/(10+s) warm-up capped at `ceiling`.
+
+    A fixed 0.9999 would keep e^-2 of the random initial weights after 20k steps; the warm-up
+    averages over roughly the last tenth of the run instead, until the run is long enough.
+    """
+    s = step.astype(jnp.float32)
+    return jnp.minimum(ceiling, (1.0 + s) / (10.0 + s))
+
+
+def init_train_state(cfg: TrainConfig) -> tuple[dict, dict]:
+    """(state, buffers): state = params, ema, opt_state, step, loss_ema, grad_norm (what is checkpointed)."""
+    params, buffers = init_params(cfg.dit_config(), cfg.seed)
+    state = {
+        "params": params,
+        "ema": jax.tree.map(jnp.copy, params),
+        "opt_state": jax.jit(optimizer(cfg).init)(params),  # one program, not one per leaf
+        "step": jnp.zeros((), jnp.int32),
+        "loss_ema": jnp.full((), jnp.nan, jnp.float32),  # nan until the first step sets it
+        "grad_norm": jnp.zeros((), jnp.float32),
+    }
+    return state, buffers
+
+
+def make_train_step(cfg: TrainConfig, buffers: dict) -> Callable[[dict, jax.Array, jax.Array], dict]:
+    """The pure train step `(state, images uint8 (N,H,W,C), labels (N,)) -> state` (not yet jitted).
+
+    The batch, timesteps, noise and label dropout all come from fold_in(key(seed), step).
+    """
+    dit_cfg = cfg.dit_config()
+    compute_dtype = _DTYPES[cfg.dtype]
+    tables = DiffusionTables.from_betas(linear_betas(NUM_TRAIN_TIMESTEPS))
+    tx = optimizer(cfg)
+    base_key = jax.random.key(cfg.seed)
+
+    def loss_of(params, x0, t, y, noise):
+        return diffusion_loss(build_module(dit_cfg, params, buffers, compute_dtype), tables, x0, t, y, noise)
+
+    def train_step(state: dict, images: jax.Array, labels: jax.Array) -> dict:
+        step = state["step"]
+        key_index, key_t, key_noise, key_drop = jax.random.split(jax.random.fold_in(base_key, step), 4)
+        index = jax.random.randint(key_index, (cfg.batch_size,), 0, images.shape[0])
+        x0 = images[index].astype(jnp.float32) / 127.5 - 1.0  # (B, H, W, C) in [-1, 1]
+        y = labels[index]
+        if dit_cfg.class_dropout_prob > 0:
+            dropped = jax.random.bernoulli(key_drop, dit_cfg.class_dropout_prob, (cfg.batch_size,))
+            y = jnp.where(dropped, dit_cfg.null_class, y)
+        t = jax.random.randint(key_t, (cfg.batch_size,), 0, tables.num_timesteps)
+        noise = jax.random.normal(key_noise, x0.shape, jnp.float32)
+        (loss, _), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"], x0, t, y, noise)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        keep = ema_decay_at(step, cfg.ema_decay)
+        ema = jax.tree.map(lambda e, p: keep * e + (1.0 - keep) * p, state["ema"], params)
+        loss_ema = jnp.where(
+            jnp.isnan(state["loss_ema"]), loss, _LOSS_SMOOTHING * state["loss_ema"] + (1 - _LOSS_SMOOTHING) * loss
+        )
+        return {
+            "params": params,
+            "ema": ema,
+            "opt_state": opt_state,
+            "step": step + 1,
+            "loss_ema": loss_ema,
+            "grad_norm": optax.global_norm(grads),
+        }
+
+    return train_step
+
+
+# ---------------------------------------------------------------------------------------------
+# The run: data on device, checkpoints, logging, time limit, final bundle
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int
+    loss: float  # the smoothed loss at the end
+    wall_s: float
+    compile_s: float
+    steps_per_s: float  # over the steps this process ran, compile excluded
+    state: dict  # the final train state (host arrays)
+    bundle_path: Path
+    stopped_by: str  # "steps", "time_limit" or "signal"
+
+
+# Compiled train steps of this process, by everything the program depends on (a resumed run in
+# the same process, as in the tests, does not compile again).
+_COMPILED_STEPS: dict[tuple, Any] = {}
+
+
+def _step_defining(cfg: TrainConfig) -> TrainConfig:
+    """cfg with the fields the compiled step does not depend on set to fixed values."""
+    return dataclasses.replace(
+        cfg, out="", resume=False, log_every=1, ckpt_every=1, time_limit=None, time_reserve=0.0,
+        limit=None, data_root=None, export_dtype="float32",
+        steps=cfg.steps if cfg.lr_schedule == "cosine" else 1,  # only the cosine schedule reads it
+    )
+
+
+class _StopFlag:
+    """Set by SIGTERM so the loop ends at a step boundary and still writes the final bundle."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def __call__(self, signum, frame) -> None:
+        self.reason = "signal"
+
+
+def _check_resume_config(out: Path, cfg: TrainConfig) -> None:
+    saved_file = out / "train_config.json"
+    if not saved_file.is_file():
+        return
+    saved = json.loads(saved_file.read_text()).get("dit")
+    if saved is not None and saved != cfg.dit_config().to_dict():
+        raise ValueError(
+            f"--resume: the checkpoints in {out} are of another model ({saved}); this run asks for "
+            f"{cfg.dit_config().to_dict()}. Use the same model flags or another --out."
+        )
+
+
+def _bundle_info(
+    cfg: TrainConfig, step: int, loss: float, wall_s: float, num_images: int, dataset_name: str | None = None
+) -> dict:
+    if dataset_name is None:
+        dataset_name = DATASET_NAME if num_images == 60_000 else f"Fashion-MNIST train (first {num_images:,})"
+    return {
+        "trained_with": "python -m dit_jax.train",
+        "train_config": dataclasses.asdict(cfg),
+        "steps": step,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "final_loss": loss if math.isfinite(loss) else None,  # nan: no step was run
+        "wall_time_s": round(wall_s, 1),
+        "hardware": jax.devices()[0].device_kind,
+        "jax_version": jax.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "pixel_space": True,
+        "dataset": dataset_name,
+        "ema": True,
+    }
+
+
+def export_bundle(cfg: TrainConfig, state: dict, buffers: dict, path: Path, info: dict) -> Path:
+    """Write the EMA weights as a dit-jax bundle (class names = Fashion-MNIST's)."""
+    dit_cfg = cfg.dit_config()
+    module = build_module(dit_cfg, state["ema"], buffers, jnp.float32)
+    weights = Weights(
+        dit=nnx.to_pure_dict(nnx.state(module)),
+        vae=None,
+        config=BundleConfig(dit=dit_cfg, vae=None, class_names=CLASS_NAMES, info_json=json.dumps(info, sort_keys=True)),
+    )
+    if cfg.export_dtype != "float32":
+        weights = cast(weights, _DTYPES[cfg.export_dtype])
+    return save(weights, path, force=True)
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    dataset: tuple[np.ndarray, np.ndarray] | None = None,
+    start_time: float | None = None,
+    log: Callable[[str], None] = lambda line: print(line, flush=True),
+) -> TrainResult:
+    """Run (or resume) a training run as `cfg` says; returns the final state and where the bundle went.
+
+    dataset: (images uint8 (N, 32, 32, 1), labels int (N,)) instead of Fashion-MNIST from disk.
+    start_time: time.monotonic() the --time-limit counts from (default: now).
+    """
+    import orbax.checkpoint as ocp
+
+    cfg.validate()
+    t_start = time.monotonic() if start_time is None else start_time
+    out = Path(cfg.out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+
+    images, labels = load_fashion_mnist("train", cfg.data_root) if dataset is None else dataset
+    if cfg.limit is not None:
+        images, labels = images[: cfg.limit], labels[: cfg.limit]
+    images_on_device = jax.device_put(jnp.asarray(images, jnp.uint8))
+    labels_on_device = jax.device_put(jnp.asarray(labels, jnp.int32))
+
+    state, buffers = init_train_state(cfg)
+    manager = ocp.CheckpointManager(out / "train_state", options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+    latest = manager.latest_step()
+    if latest is not None and not cfg.resume:
+        manager.close()
+        raise ValueError(
+            f"{out / 'train_state'} already holds checkpoints (latest step {latest}): pass --resume to "
+            "continue that run, or choose another --out."
+        )
+    if cfg.resume:
+        _check_resume_config(out, cfg)
+    if latest is not None:
+        restored = manager.restore(latest, args=ocp.args.StandardRestore(jax.device_get(state)))
+        state = jax.tree.map(jnp.asarray, restored)
+        log(f"resumed from {out / 'train_state'} at step {int(state['step'])}")
+    elif cfg.resume:
+        log(f"--resume: no checkpoint in {out / 'train_state'} yet, starting from step 0")
+    (out / "train_config.json").write_text(
+        json.dumps({"train": dataclasses.asdict(cfg), "dit": cfg.dit_config().to_dict()}, indent=2) + "\n"
+    )
+
+    step = int(state["step"])
+    log(
+        f"DiT {cfg.hidden_size}x{cfg.depth} (heads {cfg.num_heads}, patch {cfg.patch_size}, "
+        f"learn_sigma {cfg.learn_sigma}): {count_params(state['params']):,} params; "
+        f"{images.shape[0]:,} images; batch {cfg.batch_size}; {cfg.dtype} on {jax.devices()[0].device_kind}"
+    )
+
+    def out_of_time() -> bool:
+        # The reserve pays for the final checkpoint and bundle, and for the steps still queued on
+        # the device (the host runs ahead of it by at most --log-every steps).
+        return cfg.time_limit is not None and time.monotonic() - t_start + cfg.time_reserve > cfg.time_limit
+
+    stop = _StopFlag()
+    # From here on SIGTERM ends the run cleanly (signal handlers can only be set on the main thread).
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGTERM, stop) if on_main_thread else None
+    compiled_step, compile_s = None, 0.0
+    first_step, last_saved = step, (latest if latest is not None else -1)
+    stopped_by = "steps"
+    try:
+        if step < cfg.steps and not out_of_time():
+            cache_key = (_step_defining(cfg), images_on_device.shape, labels_on_device.shape)
+            compiled_step = _COMPILED_STEPS.get(cache_key)
+            if compiled_step is None:
+                t_compile = time.monotonic()
+                compiled_step = (
+                    jax.jit(make_train_step(cfg, buffers), donate_argnums=0)
+                    .lower(state, images_on_device, labels_on_device)
+                    .compile()
+                )
+                compile_s = time.monotonic() - t_compile
+                _COMPILED_STEPS.clear()  # keep one: a process rarely trains two configs
+                _COMPILED_STEPS[cache_key] = compiled_step
+                log(f"compiled the train step in {compile_s:.1f} s")
+            else:
+                log("reusing the train step compiled earlier in this process")
+        t_loop = t_interval = time.monotonic()
+        interval_start_step = step
+        while step < cfg.steps:
+            if stop.reason is not None:
+                stopped_by = stop.reason
+                break
+            if compiled_step is None or out_of_time():
+                stopped_by = "time_limit"
+                break
+            state = compiled_step(state, images_on_device, labels_on_device)
+            step += 1
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                loss = float(state["loss_ema"])  # waits for the device: the timing below is real
+                now = time.monotonic()
+                rate = (step - interval_start_step) / max(now - t_interval, 1e-9)
+                log(
+                    f"step {step:>7d}/{cfg.steps}  loss {loss:.4f}  grad_norm {float(state['grad_norm']):.3f}  "
+                    f"{rate:7.2f} steps/s  {rate * cfg.batch_size:9.0f} img/s  elapsed {now - t_start:7.1f} s"
+                )
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss} at step {step}: lower --lr or use --dtype float32")
+                t_interval, interval_start_step = now, step
+            if step % cfg.ckpt_every == 0:
+                manager.save(step, args=ocp.args.StandardSave(jax.device_get(state)))
+                last_saved = step
+    except KeyboardInterrupt:
+        stopped_by = "signal"
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+    host_state = jax.device_get(state)  # also waits for the last step
+    loop_s = time.monotonic() - t_loop if compiled_step is not None else 0.0
+    steps_per_s = (step - first_step) / loop_s if step > first_step and loop_s > 0 else 0.0
+    if step != last_saved:
+        manager.save(step, args=ocp.args.StandardSave(host_state), force=True)
+    manager.wait_until_finished()
+    manager.close()
+
+    loss = float(host_state["loss_ema"])
+    wall_s = time.monotonic() - t_start
+    dataset_name = None if dataset is None else f"arrays given to train() ({images.shape[0]:,} images)"
+    info = _bundle_info(cfg, step, loss, wall_s, images.shape[0], dataset_name)
+    info["compile_s"] = round(compile_s, 1)
+    info["steps_per_s"] = round(steps_per_s, 2)
+    bundle = export_bundle(cfg, host_state, buffers, out / "final", info)
+    log(
+        f"stopped at step {step} ({stopped_by}); loss {loss:.4f}; {steps_per_s:.2f} steps/s "
+        f"({steps_per_s * cfg.batch_size:.0f} img/s) after {compile_s:.1f} s compile; "
+        f"wall {time.monotonic() - t_start:.1f} s; EMA weights ({cfg.export_dtype}) in {bundle}"
+    )
+    return TrainResult(
+        step=step, loss=loss, wall_s=wall_s, compile_s=compile_s, steps_per_s=steps_per_s,
+        state=host_state, bundle_path=bundle, stopped_by=stopped_by,
+    )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    """Command-line flags -> TrainConfig (defaults from TrainConfig)."""
+    d = TrainConfig(out="")
+    p = argparse.ArgumentParser(prog="python -m dit_jax.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="run folder: train_state/ checkpoints and the final/ bundle")
+    p.add_argument("--steps", type=int, default=d.steps, help="total train steps")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup", type=int, default=d.warmup, help="linear lr warm-up steps")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=d.lr_schedule)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="ceiling of the warmed-up EMA decay")
+    p.add_argument("--hidden-size", type=int, default=d.hidden_size)
+    p.add_argument("--depth", type=int, default=d.depth)
+    p.add_argument("--num-heads", type=int, default=d.num_heads)
+    p.add_argument("--patch-size", type=int, default=d.patch_size)
+    p.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=d.learn_sigma,
+                   help="predict the variance too (DiT's hybrid loss); --no-learn-sigma: eps only")
+    p.add_argument("--class-dropout", type=float, default=d.class_dropout, help="null-label prob. (guidance)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default=d.dtype, help="compute dtype (params stay float32)")
+    p.add_argument("--export-dtype", choices=sorted(_DTYPES), default=d.export_dtype, help="dtype of the bundle")
+    p.add_argument("--limit", type=int, default=d.limit, help="train on the first N images only")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--time-limit", type=float, default=d.time_limit,
+                   help="seconds for the whole run (from process start), final saves included")
+    p.add_argument("--time-reserve", type=float, default=d.time_reserve,
+                   help="seconds of --time-limit kept for the final checkpoint and bundle")
+    p.add_argument("--data-root", default=d.data_root, help="folder of the Fashion-MNIST idx files")
+    args = p.parse_args(argv)
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+def main(argv: Sequence[str] | None = None) -> TrainResult:
+    return train(parse_args(argv), start_time=_PROCESS_START)
+
+
+if __name__ == "__main__":
+    main()

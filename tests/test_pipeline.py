@@ -1,0 +1,138 @@
+"""sample() end to end: parity with a PyTorch reference loop, one compilation per configuration,
+errors before compiling, and the CLI."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from torch_dit import diffusers_dit, random_official_state_dict, relative_error
+
+import sdtm
+from convert.dit import official_to_params
+from dit_jax import denoise, sample
+from dit_jax.models.dit import variant
+from dit_jax.pipeline import _run
+from dit_jax.weights import BundleConfig, Weights, init_dit_params, save
+
+CFG = variant("DiT-S/2", input_size=8, num_classes=10)
+NAMES = ("T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
+
+
+@pytest.fixture(scope="module")
+def official():
+    return random_official_state_dict(CFG, seed=11)
+
+
+@pytest.fixture(scope="module")
+def weights(official):
+    params = jax.tree.map(jnp.asarray, official_to_params(official, CFG))
+    return Weights(dit=params, config=BundleConfig(dit=CFG, class_names=NAMES))
+
+
+def test_ddim_cfg_matches_pytorch_reference_loop(weights, official):
+    from diffusers import DDIMScheduler
+
+    steps, scale = 20, 4.0
+    noise = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    labels = [7, 3]
+    ours = sample(weights, labels, steps=steps, cfg_scale=scale, latents=noise, output="latents")
+
+    model = diffusers_dit(CFG, official)
+    sched = DDIMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, clip_sample=False,
+                          set_alpha_to_one=True, timestep_spacing="leading")
+    sched.set_timesteps(steps)
+    x = torch.from_numpy(noise.transpose(0, 3, 1, 2))
+    y = torch.tensor(labels + [CFG.null_class] * 2)
+    with torch.no_grad():
+        for t in sched.timesteps:
+            out = model(torch.cat([x, x]), timestep=t.repeat(4), class_labels=y).sample
+            eps = out[:, :3]
+            cond, uncond = eps.chunk(2)
+            guided = uncond + scale * (cond - uncond)
+            eps4 = torch.cat([guided, out[:2, 3:4]], dim=1)  # DiT guides 3 channels; the 4th is cond's
+            x = sched.step(eps4, t, x).prev_sample
+    want = x.numpy().transpose(0, 2, 3, 1)
+    assert relative_error(ours, want) < 1e-4
+
+
+def test_one_compilation_per_configuration(weights):
+    kwargs = dict(steps=3, output="latents")
+    first = sample(weights, ["sneaker", "bag"], seed=1, **kwargs)
+    again = sample(weights, ["sneaker", "bag"], seed=1, **kwargs)
+    np.testing.assert_array_equal(first, again)
+    compiled = _run._cache_size()
+    other = sample(weights, ["dress", "coat"], seed=2, cfg_scale=7.5, **kwargs)
+    assert _run._cache_size() == compiled  # new seed, prompts and scale: no new compilation
+    assert not np.allclose(first, other)
+
+
+@pytest.mark.parametrize("method", [True, sdtm.ToMeConfig(ratio=0.5),
+                                    sdtm.SDTMConfig(idm_score="frequency", frequency="merged")])
+def test_merging_runs_end_to_end(weights, method):
+    out = sample(weights, ["sneaker", "bag"], sdtm=method, steps=6)
+    assert out.shape == (2, 8, 8, 4) and out.dtype == np.uint8  # pixel-space bundle: uint8 of x_0
+
+
+def test_sdtm_compiles_one_scan_per_phase(weights):
+    phases = sdtm.schedule(sdtm.SDTMConfig(), 10, CFG.num_tokens)
+    text = _run.lower(*_args(weights, 10), plan=_plan(weights, 10, True)).as_text()
+    assert len(phases) >= 2
+    assert text.count("stablehlo.while") == len(phases)
+
+
+def _plan(weights, steps, method):
+    from dit_jax.pipeline import prepare
+
+    return prepare(weights, [1, 2], sdtm=method, steps=steps)[0]
+
+
+def _args(weights, steps):
+    from dit_jax.pipeline import prepare
+
+    return prepare(weights, [1, 2], steps=steps)[1]
+
+
+def test_bad_input_fails_before_compiling(weights):
+    before = _run._cache_size()
+    with pytest.raises(ValueError, match="unknown sampler 'euler'; choose one of ddpm, ddim, dpm\\+\\+"):
+        sample(weights, "bag", sampler="euler")
+    with pytest.raises(ValueError, match="steps must be an int >= 1, got 0"):
+        sample(weights, "bag", steps=0)
+    with pytest.raises(ValueError, match="3 prompts for num_images=2"):
+        sample(weights, ["bag", "coat", "dress"], num_images=2)
+    with pytest.raises(ValueError, match=r"latents have shape \(1, 16, 16, 4\); this model samples \(1, 8, 8, 4\)"):
+        sample(weights, "bag", latents=np.zeros((1, 16, 16, 4)))
+    with pytest.raises(ValueError, match="closest valid names: 'sneaker'"):
+        sample(weights, "sneakers")
+    with pytest.raises(ValueError, match="ratio \\+ deviation"):
+        sample(weights, "bag", sdtm=sdtm.SDTMConfig(ratio=0.7, deviation=0.3))
+    assert _run._cache_size() == before
+
+
+def test_denoise_contract(weights):
+    x = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    out = denoise(weights, x, np.array([10, 500]), np.array([1, 2]))
+    assert out.shape == (2, 8, 8, 8)  # learned sigma: 2C channels
+    phase = sdtm.schedule(sdtm.ToMeConfig(ratio=0.25), 1, CFG.num_tokens)[0]
+    merged = denoise(weights, x, np.array([10, 500]), np.array([1, 2]), sdtm_plan=phase)
+    assert merged.shape == out.shape and not np.allclose(merged, out)
+
+
+def test_cli_writes_png_with_rows_and_timings(tmp_path, capsys):
+    from PIL import Image
+
+    from dit_jax.sample import main
+
+    cfg = variant("DiT-S/2", input_size=8, num_classes=10, depth=2, in_channels=1)
+    save(Weights(dit=init_dit_params(cfg), config=BundleConfig(dit=cfg, class_names=NAMES)), tmp_path / "w")
+    out = tmp_path / "grid.png"
+    assert main(["sneaker", "bag", "--weights", str(tmp_path / "w"), "--steps", "4", "--sdtm",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "baseline: compile" in printed and "sdtm: compile" in printed and "x the baseline's speed" in printed
+    image = Image.open(out)
+    assert image.size == (8 * 2 + 2, 8 * 2 + 2) and image.mode == "L"
+    assert '"sneaker", "bag"' in image.info["prompts"]
+    assert main(["dragon", "--weights", str(tmp_path / "w")]) == 2
+    assert "unknown class name 'dragon'" in capsys.readouterr().err
