@@ -36,6 +36,7 @@ class SamplingPlan:
     guided: bool  # classifier-free guidance ([cond; uncond] batch)
     decode: bool  # run the VAE (or map pixels) to uint8 images
     progress: bool = False  # print a line per step from inside the compiled loop
+    scan_blocks: bool = True  # one compiled block scanned over the depth (see DiT.stacked_blocks)
 
 
 def denoise(weights: Weights, x: jax.Array, t: jax.Array, cond: jax.Array, *, sdtm_plan=None) -> jax.Array:
@@ -72,6 +73,7 @@ def _run(weights: Weights, x_T, labels, cfg_scale, key, plan: SamplingPlan):
     state = sdtm_lib.init_state(model_batch, cfg.num_tokens, jax.random.fold_in(key, 1))
     carry = plan.sampler.init(x_T.astype(jnp.float32))
     noise_key = jax.random.fold_in(key, 2)
+    blocks = model.stacked_blocks() if plan.scan_blocks else None
 
     for phase in plan.phases:
         merger = phase.merger
@@ -82,10 +84,7 @@ def _run(weights: Weights, x_T, labels, cfg_scale, key, plan: SamplingPlan):
             if plan.guided:
                 x = jnp.concatenate([x, x])
             t = jnp.full((model_batch,), plan.sampler.timestep(i))
-            if merger is None:
-                out = model(x, t, labels)
-            else:
-                out, state = model.forward_merged(x, t, labels, merger, state)
+            out, state = model.forward_merged(x, t, labels, merger, state, block_stack=blocks)
             out = out.astype(jnp.float32)
             if plan.guided:
                 out = guide(out, cfg_scale)[:batch]

@@ -282,7 +282,7 @@ def merge_top_sources(
     """
     batch = src_tokens.shape[0]
     rows = jnp.arange(batch)[:, None]
-    _, chosen = jax.lax.top_k(rank, merge_count)  # (B, R) positions in the source list
+    _, chosen = jax.lax.top_k(-rank, merge_count)  # (B, R) positions in the source list
     merging = jnp.take_along_axis(src_tokens, chosen, axis=1)  # (B, R) token ids
     into = jnp.take_along_axis(best_dst, chosen, axis=1)  # (B, R)
     tokens = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch, num_tokens))

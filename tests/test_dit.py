@@ -110,3 +110,21 @@ def test_wrong_input_size_is_refused():
     model = DiT(cfg, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="takes 16x16 inputs, got 8x8"):
         model(jnp.zeros((1, 8, 8, 4)), jnp.zeros(1), jnp.zeros(1, jnp.int32))
+
+
+def test_scanned_blocks_equal_unrolled_blocks():
+    import sdtm
+
+    cfg = variant("DiT-S/2", input_size=8, num_classes=10, depth=3)
+    model = DiT(cfg, rngs=nnx.Rngs(2))
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+    t, y = jnp.array([5, 700]), jnp.array([1, 10])
+    unrolled = model.forward_merged(x, t, y)[0]
+    scanned = model.forward_merged(x, t, y, block_stack=model.stacked_blocks())[0]
+    np.testing.assert_allclose(scanned, unrolled, rtol=1e-5, atol=1e-6)
+    merger = sdtm.schedule(sdtm.SDTMConfig(switch_step=1.0), 1, cfg.num_tokens)[0].merger
+    state = sdtm.init_state(2, cfg.num_tokens)
+    a, sa = model.forward_merged(x, t, y, merger, state)
+    b, sb = model.forward_merged(x, t, y, merger, state, block_stack=model.stacked_blocks())
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(sa["counter"], sb["counter"])

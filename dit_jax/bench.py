@@ -1,0 +1,376 @@
+"""jit speed benchmarks: the whole sampler, one forward pass, or merging alone.
+
+    python -m dit_jax.bench sample --variant DiT-XL/2 --image-size 512 --batch 8 --dtype bfloat16 \
+        --strategies baseline,sdtm,tome:0.5 --steps 20 --repeats 5
+    python -m dit_jax.bench forward --variant DiT-XL/2 --image-size 256 --batch 2 --torch
+
+Random weights (speed does not depend on their values). Every strategy is compiled first (compile
+time reported apart), then the strategies run interleaved, `repeats` rounds, and the table gives
+the median / min / max run time and the speed-up against the baseline of the same run. Latent
+models are timed without the VAE. FLOPs are counted from the config and the merge counts (matmul
+and attention FLOPs); XLA's own count is shown where it has one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import sdtm as sdtm_lib
+from dit_jax.models.dit import DiT, DiTConfig, variant
+from dit_jax.pipeline import _run, prepare
+from dit_jax.weights import BundleConfig, Weights, dit_module
+
+MODES = ("sample", "forward", "merge")
+# Dense bf16 tensor-core peaks (vendor datasheets, SXM parts), for the share-of-peak column.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+@dataclasses.dataclass
+class Result:
+    strategy: str
+    compile_s: float
+    times_s: list[float]
+    token_share_attn: float
+    token_share_mlp: float
+    flops: float  # counted from the config, per timed call
+    xla_flops: float | None
+    speedup: float = 1.0
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.times_s)
+
+    def row(self, peak: float | None) -> dict:
+        achieved = self.flops / self.median_s
+        return {
+            "strategy": self.strategy,
+            "compile_s": round(self.compile_s, 3),
+            "median_s": self.median_s,
+            "min_s": min(self.times_s),
+            "max_s": max(self.times_s),
+            "speedup": round(self.speedup, 4),
+            "token_share_attn": round(self.token_share_attn, 4),
+            "token_share_mlp": round(self.token_share_mlp, 4),
+            "flops": self.flops,
+            "xla_flops": self.xla_flops,
+            "achieved_flops_per_s": achieved,
+            "share_of_peak": None if peak is None else achieved / peak,
+        }
+
+
+def parse_strategy(text: str):
+    """"baseline" | "sdtm" | "sdtm:RATIO" | "tome:RATIO" | "ssm:RATIO" | "idm:RATIO" (the last two: forward only)."""
+    name, _, value = text.partition(":")
+    ratio = float(value) if value else None
+    if name == "baseline":
+        return False
+    if name == "sdtm":
+        return sdtm_lib.SDTMConfig() if ratio is None else sdtm_lib.SDTMConfig(ratio=ratio)
+    if name == "tome":
+        return sdtm_lib.ToMeConfig(ratio=0.5 if ratio is None else ratio)
+    if name in ("ssm", "idm"):
+        return (name, 0.5 if ratio is None else ratio)
+    raise ValueError(f"unknown strategy {text!r}; use baseline, sdtm[:RATIO], tome[:RATIO], ssm:RATIO or idm:RATIO")
+
+
+def block_flops(cfg: DiTConfig, attn_tokens: int, mlp_tokens: int) -> float:
+    """Matmul + attention FLOPs of one block for one sample."""
+    d = cfg.hidden_size
+    hidden = int(d * cfg.mlp_ratio)
+    attn = 2 * attn_tokens * d * 3 * d + 4 * attn_tokens * attn_tokens * d + 2 * attn_tokens * d * d
+    return attn + 4 * mlp_tokens * d * hidden
+
+
+def forward_flops(cfg: DiTConfig, attn_tokens: int, mlp_tokens: int) -> float:
+    n, d, p = cfg.num_tokens, cfg.hidden_size, cfg.patch_size
+    ends = 2 * n * d * p * p * (cfg.in_channels + cfg.out_channels)
+    return cfg.depth * block_flops(cfg, attn_tokens, mlp_tokens) + ends
+
+
+def phase_tokens(phase, num_tokens: int) -> tuple[int, int]:
+    """(attention tokens, MLP tokens) a block processes in a phase."""
+    merger, r = phase.merger, phase.merge_count
+    if merger is None or r == 0:
+        return num_tokens, num_tokens
+    if isinstance(merger, sdtm_lib.ToMeMerger):
+        return (num_tokens - r if merger.merge_attn else num_tokens), (num_tokens - r if merger.merge_mlp else num_tokens)
+    if isinstance(merger, sdtm_lib.IDMMerger):
+        return num_tokens, num_tokens - r
+    return num_tokens - r, num_tokens - r  # SSM: attention and MLP
+
+
+def random_weights(cfg: DiTConfig, dtype, seed: int = 0) -> Weights:
+    """Random parameters made on the device in one compiled call (eager init is slow for XL)."""
+
+    @jax.jit
+    def init():
+        model = DiT(cfg, rngs=nnx.Rngs(seed), dtype=dtype)
+        params = nnx.to_pure_dict(nnx.state(model))
+        # The official init zeroes adaLN and the final layer: randomise them so nothing runs on zeros.
+        keys = iter(jax.random.split(jax.random.key(seed + 1), 4 * cfg.depth + 8))
+        for block in params["blocks"].values():
+            block["adaLN_modulation"]["kernel"] = 0.02 * jax.random.normal(
+                next(keys), block["adaLN_modulation"]["kernel"].shape, dtype)
+        return params
+
+    return Weights(dit=init(), config=BundleConfig(dit=cfg))
+
+
+def _xla_flops(compiled) -> float | None:
+    try:
+        analysis = compiled.cost_analysis()
+        if isinstance(analysis, list):
+            analysis = analysis[0]
+        return float(analysis["flops"]) if analysis and "flops" in analysis else None
+    except Exception:  # not every backend has a cost model
+        return None
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+
+def build_sample_cases(weights: Weights, strategies: list[str], args) -> list[tuple[str, Callable, float, float, float, float, float | None]]:
+    cfg = weights.config.dit
+    cases = []
+    for text in strategies:
+        method = parse_strategy(text)
+        if isinstance(method, tuple):
+            raise ValueError(f"{text}: ssm/idm alone are forward-only strategies; use sdtm or tome for sample")
+        plan, call_args = prepare(
+            weights, [i % cfg.num_classes for i in range(args.batch)], sdtm=method, sampler=args.sampler,
+            steps=args.steps, cfg_scale=args.cfg, output="latents",
+        )
+        start = time.perf_counter()
+        compiled = _run.lower(*call_args, plan=plan).compile()
+        compile_s = time.perf_counter() - start
+        model_batch = args.batch * (2 if plan.guided else 1)
+        attn_share = mlp_share = flops = 0.0
+        for phase in plan.phases:
+            a, m = phase_tokens(phase, cfg.num_tokens)
+            attn_share += a * phase.num_steps
+            mlp_share += m * phase.num_steps
+            flops += forward_flops(cfg, a, m) * phase.num_steps * model_batch
+        total = cfg.num_tokens * args.steps
+        cases.append((text, lambda c=compiled, a=call_args: c(*a), compile_s, attn_share / total,
+                      mlp_share / total, flops, _xla_flops(compiled)))
+    return cases
+
+
+def build_forward_cases(weights: Weights, strategies: list[str], args):
+    cfg = weights.config.dit
+    n = cfg.num_tokens
+    x = jax.random.normal(jax.random.key(0), (args.batch, cfg.input_size, cfg.input_size, cfg.in_channels), weights.dtype)
+    t = jnp.full((args.batch,), 500)
+    y = jnp.arange(args.batch) % cfg.num_classes
+    # Blocks stacked once, outside the timed call, as the sampler does before its loop.
+    graphdef = dit_module(weights).stacked_blocks()[0]
+    stacked = jax.jit(lambda w: dit_module(w).stacked_blocks()[1])(weights)
+    cases = []
+    for text in strategies:
+        method = parse_strategy(text)
+        phase = None
+        if isinstance(method, tuple):
+            kind, ratio = method
+            config = sdtm_lib.SDTMConfig(ratio=ratio, deviation=0.0, switch_step=1.0 if kind == "ssm" else 0)
+            phase = sdtm_lib.schedule(config, 1, n, grid=cfg.grid)[0]
+        elif method is not False:
+            phase = sdtm_lib.schedule(method, 1, n, grid=cfg.grid)[0]
+        fn = jax.jit(functools.partial(_forward, graphdef=graphdef, merger=None if phase is None else phase.merger))
+        start = time.perf_counter()
+        compiled = fn.lower(weights, stacked, x, t, y).compile()
+        compile_s = time.perf_counter() - start
+        a, m = (n, n) if phase is None else phase_tokens(phase, n)
+        cases.append((text, lambda c=compiled: c(weights, stacked, x, t, y), compile_s, a / n, m / n,
+                      forward_flops(cfg, a, m) * args.batch, _xla_flops(compiled)))
+    if args.torch:
+        cases.append(torch_case(weights, x, t, y, args))
+    return cases
+
+
+def _forward(weights: Weights, stacked, x, t, y, *, graphdef, merger):
+    """One forward pass over pre-stacked blocks, with a fresh merge state."""
+    model = dit_module(weights)
+    state = None if merger is None else sdtm_lib.init_state(x.shape[0], weights.config.dit.num_tokens)
+    return model.forward_merged(x, t, y, merger, state, block_stack=(graphdef, stacked))[0]
+
+
+def build_merge_cases(weights: Weights, strategies: list[str], args):
+    """Plan building + merge + unmerge for every block of one forward, without the network."""
+    cfg = weights.config.dit
+    n, d = cfg.num_tokens, cfg.hidden_size
+    x = jax.random.normal(jax.random.key(0), (args.batch, n, d), weights.dtype)
+    cases = []
+    for text in strategies:
+        method = parse_strategy(text)
+        if method is False:
+            continue
+        if isinstance(method, tuple):
+            kind, ratio = method
+            config = sdtm_lib.SDTMConfig(ratio=ratio, deviation=0.0, switch_step=1.0 if kind == "ssm" else 0)
+        else:
+            config = method
+        phase = sdtm_lib.schedule(config, 1, n, grid=cfg.grid)[0]
+
+        def blocks(x, merger=phase.merger):
+            state = sdtm_lib.init_state(x.shape[0], n, jax.random.key(0))
+            attention = jnp.full(x.shape[:2], 1.0 / n, jnp.float32)
+            for _ in range(cfg.depth):
+                attn_plan, mlp_plan, state = merger.build(
+                    x, state, grid=cfg.grid, key_attention=attention if merger.needs_key_attention else None)
+                for plan in (attn_plan, mlp_plan):
+                    if plan is not None:
+                        x = sdtm_lib.unmerge(plan, sdtm_lib.merge(plan, x) * 1.001)
+            return x
+
+        fn = jax.jit(blocks)
+        start = time.perf_counter()
+        compiled = fn.lower(x).compile()
+        compile_s = time.perf_counter() - start
+        cases.append((text, lambda c=compiled: c(x), compile_s, 1.0, 1.0, 0.0, _xla_flops(compiled)))
+    return cases
+
+
+def torch_case(weights: Weights, x, t, y, args):
+    """diffusers' DiTTransformer2DModel with the same weights, SDPA attention, on the same hardware."""
+    import torch
+    from diffusers import DiTTransformer2DModel
+
+    cfg = weights.config.dit
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if weights.dtype == jnp.bfloat16 else torch.float32
+    model = DiTTransformer2DModel(
+        num_attention_heads=cfg.num_heads, attention_head_dim=cfg.hidden_size // cfg.num_heads,
+        in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_layers=cfg.depth,
+        sample_size=cfg.input_size, patch_size=cfg.patch_size, num_embeds_ada_norm=cfg.num_classes,
+    ).to(device=device, dtype=dtype).eval()
+    xt = torch.from_numpy(np.asarray(x.astype(jnp.float32)).transpose(0, 3, 1, 2)).to(device, dtype)
+    tt = torch.from_numpy(np.asarray(t)).to(device)
+    yt = torch.from_numpy(np.asarray(y)).to(device)
+
+    def run():
+        with torch.inference_mode():
+            out = model(xt, timestep=tt, class_labels=yt).sample
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    start = time.perf_counter()
+    run()  # warm-up: cuDNN/cuBLAS handles, kernel selection
+    warm_s = time.perf_counter() - start
+    n = cfg.num_tokens
+    return ("torch (diffusers)", run, warm_s, 1.0, 1.0, forward_flops(cfg, n, n) * args.batch, None)
+
+
+def device_peak() -> float | None:
+    kind = jax.devices()[0].device_kind
+    for name, peak in PEAK_BF16_FLOPS.items():
+        if name in kind:
+            return peak
+    return None
+
+
+def run_cases(cases, repeats: int, warmup: int = 1) -> list[Result]:
+    for _, fn, *_ in cases:
+        for _ in range(warmup):
+            _timed(fn)
+    times = {name: [] for name, *_ in cases}
+    for _ in range(repeats):  # interleaved: every strategy once per round
+        for name, fn, *_ in cases:
+            times[name].append(_timed(fn))
+    results = [Result(name, c, times[name], a, m, f, xf) for name, _, c, a, m, f, xf in cases]
+    base = results[0].median_s
+    for r in results:
+        r.speedup = base / r.median_s
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dit_jax.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("mode", choices=MODES)
+    ap.add_argument("--variant", default="DiT-XL/2")
+    ap.add_argument("--image-size", type=int, default=256, help="pixels (latent side = image size / 8)")
+    ap.add_argument("--input-size", type=int, help="latent side directly (overrides --image-size)")
+    ap.add_argument("--depth", type=int, help="override the variant's depth (tiny smoke runs)")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--strategies", default="baseline,sdtm,tome:0.5")
+    ap.add_argument("--sampler", default="ddim")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--cfg", type=float, default=4.0)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--torch", action="store_true", help="forward mode: add diffusers' DiT on the same hardware")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+
+    try:
+        if args.repeats < 1 or args.batch < 1:
+            raise ValueError("--repeats and --batch must be >= 1")
+        if args.image_size % 8 and args.input_size is None:
+            raise ValueError(f"--image-size {args.image_size} is not a multiple of 8 (the VAE's factor)")
+        changes = {"input_size": args.input_size or args.image_size // 8}
+        if args.depth:
+            changes["depth"] = args.depth
+        cfg = variant(args.variant, **changes)
+        cfg.validate()
+        strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+        if args.mode != "merge" and (not strategies or strategies[0] != "baseline"):
+            raise ValueError("--strategies must start with baseline (speed-ups are against it)")
+        for s in strategies:
+            parse_strategy(s)
+        if args.torch and args.mode != "forward":
+            raise ValueError("--torch compares one forward pass: use it with the forward mode")
+        dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+        weights = random_weights(cfg, dtype)
+        builder = {"sample": build_sample_cases, "forward": build_forward_cases, "merge": build_merge_cases}[args.mode]
+        cases = builder(weights, strategies, args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    results = run_cases(cases, args.repeats)
+    peak = device_peak() if args.dtype == "bfloat16" else None
+    device = jax.devices()[0]
+    header = {
+        "mode": args.mode, "variant": args.variant, "input_size": cfg.input_size, "tokens": cfg.num_tokens,
+        "batch": args.batch, "dtype": args.dtype, "steps": args.steps if args.mode == "sample" else None,
+        "sampler": args.sampler if args.mode == "sample" else None, "cfg": args.cfg, "repeats": args.repeats,
+        "device": f"{device.platform}:{device.device_kind}", "jax": jax.__version__, "host": platform.node(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    rows = [r.row(peak) for r in results]
+    print(f"# {args.mode} {args.variant} {cfg.num_tokens} tokens, batch {args.batch}, {args.dtype}, "
+          f"{header['device']}, jax {jax.__version__}" + (f", {args.steps} {args.sampler} steps" if args.mode == "sample" else ""))
+    print(f"{'strategy':<18} {'compile s':>9} {'median s':>10} {'min s':>9} {'max s':>9} {'speed-up':>8} "
+          f"{'attn tok':>8} {'mlp tok':>8} {'TFLOP/s':>8}" + (" %peak" if peak else ""))
+    for row in rows:
+        tflops = row["achieved_flops_per_s"] / 1e12
+        line = (f"{row['strategy']:<18} {row['compile_s']:>9.2f} {row['median_s']:>10.4f} {row['min_s']:>9.4f} "
+                f"{row['max_s']:>9.4f} {row['speedup']:>7.2f}x {row['token_share_attn']:>8.3f} "
+                f"{row['token_share_mlp']:>8.3f} {tflops:>8.2f}")
+        if peak:
+            line += f" {100 * row['share_of_peak']:5.1f}"
+        print(line)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": header, "results": rows}, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
