@@ -87,7 +87,8 @@ def _run(weights: Weights, x_T, labels, cfg_scale, key, plan: SamplingPlan):
             out, state = model.forward_merged(x, t, labels, merger, state, block_stack=blocks)
             out = out.astype(jnp.float32)
             if plan.guided:
-                out = guide(out, cfg_scale)[:batch]
+                # DiT guides 3 of its 4 latent channels; a model with fewer guides them all.
+                out = guide(out, cfg_scale, guided_channels=min(3, cfg.in_channels))[:batch]
             carry = plan.sampler.step(carry, out, i, jax.random.fold_in(noise_key, i))
             if plan.progress:
                 jax.debug.callback(_report_step, i, plan.sampler.num_steps)

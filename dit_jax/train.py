@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 
-_PROCESS_START = time.monotonic()  # --time-limit counts from here when run as a program
+_PROCESS_START = time.monotonic()  # --time-limit counts from here (python -m: after jax is imported)
 
 import argparse
 import dataclasses
@@ -45,11 +45,7 @@ from dit_jax.data import CLASS_NAMES, load_fashion_mnist
 from dit_jax.models.dit import DiT, DiTConfig
 from dit_jax.weights import BundleConfig, Weights, cast, save
 
-try:
-    from dit_jax.diffusion.schedule import linear_betas
-except ImportError:  # the schedule module is optional here: the same formula inline
-    def linear_betas(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
-        return np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float64)
+from dit_jax.diffusion.schedule import linear_betas
 
 NUM_TRAIN_TIMESTEPS = 1000
 IMAGE_SIZE = 32  # Fashion-MNIST padded to 32x32 by dit_jax.data

@@ -156,6 +156,7 @@ def save(weights: Weights, path: str | os.PathLike, *, force: bool = False) -> P
         raise FileExistsError(f"{path} exists; pass force=True (CLI: --force) to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; a bundle shipped in a package must be readable
     try:
         (staging / "config.json").write_text(json.dumps(weights.config.to_dict(), indent=2) + "\n")
         tree = {"dit": weights.dit} if weights.vae is None else {"dit": weights.dit, "vae": weights.vae}
@@ -171,10 +172,11 @@ def save(weights: Weights, path: str | os.PathLike, *, force: bool = False) -> P
     return path
 
 
-def load(path: str | os.PathLike | None = None, *, dtype=None) -> Weights:
+def load(path: str | os.PathLike | None = None, *, dtype=jnp.float32) -> Weights:
     """Read a bundle directory (default: the model shipped in the package).
 
-    dtype: cast floating-point parameters, e.g. `jnp.bfloat16` on accelerators; None keeps float32.
+    dtype: floating-point parameters (and so compute) in this dtype: float32 by default,
+    `jnp.bfloat16` on accelerators; None keeps what is on disk (the shipped model is stored bf16).
     """
     import orbax.checkpoint as ocp
 

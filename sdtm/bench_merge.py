@@ -4,8 +4,8 @@
     python -m sdtm.bench_merge --tokens 1024 --dtype bfloat16
 
 Every variant computes `sdtm.merge` up to round-off (tests/test_ops.py checks that they agree):
-  offsets      sdtm.merge: seeds + scatter-added (source - seed) offsets / group size; two
-               gathers of R rows, exact when a group's tokens are equal
+  offsets      sdtm.merge: seeds + scatter-added (source - seed) / group size; one more
+               gather of R rows than sum_scatter, exact when a group's tokens are equal
   sum_scatter  seeds + scatter-added sources, times 1/group size (one gather of R rows fewer)
   segment_sum  one segment_sum of all N tokens by token_slot (no gathers, a scatter of N rows)
   sorted_sum   gather tokens in slot order, then a sorted segment_sum (the order would have to

@@ -127,7 +127,9 @@ class ToMeConfig:
                 f"(each keeps one destination): use a ratio <= {1 - 1 / k:.4g}"
             )
         if not (self.merge_attn or self.merge_mlp):
-            raise ValueError("ToMeConfig with merge_attn=False and merge_mlp=False merges nothing; use no merging instead")
+            raise ValueError(
+                "ToMeConfig with merge_attn=False and merge_mlp=False merges nothing; use no merging instead"
+            )
 
     def replace(self, **changes) -> ToMeConfig:
         return dataclasses.replace(self, **changes)

@@ -22,6 +22,7 @@ from sdtm.frequency import FREQUENCY_MODES
 from sdtm.merger import MergeState, advance_counters, check_state, state_priority
 from sdtm.ops import (
     MergePlan,
+    as_pair,
     check_merge_count,
     checked_windows,
     identity_plan,
@@ -100,6 +101,7 @@ class IDMMerger:
     score: str = "attention"
 
     def __post_init__(self):
+        object.__setattr__(self, "window", as_pair(self.window))  # hashable, for jit
         if self.frequency is not None and self.frequency not in FREQUENCY_MODES:
             raise ValueError(f"frequency must be one of {FREQUENCY_MODES} or None, got {self.frequency!r}")
         if self.score not in IDM_SCORES:

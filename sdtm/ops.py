@@ -59,10 +59,10 @@ def _take_tokens(x: jax.Array, index: jax.Array) -> jax.Array:
 def merge(plan: MergePlan | None, x: jax.Array) -> jax.Array:
     """Mean of every merged group: [B, N, C] -> [B, N - merge_count, C]. `None` is the identity.
 
-    Computed as seed + (sum of member - seed offsets) / group size, in float32: the offsets
-    vanish when a group's tokens are equal, so merging equal tokens returns them bit for bit
-    (and bf16 activations lose nothing to a large running sum). Gathers plus one scatter-add of
-    the merge_count sources; see sdtm/bench_merge.py for the alternatives measured.
+    Computed as seed + sum over sources of (source - seed) / group size, in float32: the
+    offsets vanish when a group's tokens are equal, so merging equal tokens returns them bit
+    for bit (a plain sum times 1/size can be 1 ulp off for size 3). Gathers plus one
+    scatter-add of the merge_count sources; sdtm/bench_merge.py measures the alternatives.
     """
     if plan is None:
         return x
@@ -70,12 +70,13 @@ def merge(plan: MergePlan | None, x: jax.Array) -> jax.Array:
     if plan.merge_count == 0:
         return kept
     seed_of_src = jnp.take_along_axis(plan.keep_index, plan.src_slot, axis=1)  # (B, R)
+    scale_of_src = jnp.take_along_axis(plan.slot_scale, plan.src_slot, axis=1)  # (B, R)
     offsets = _take_tokens(x, plan.src_index).astype(jnp.float32) - _take_tokens(x, seed_of_src).astype(
         jnp.float32
     )  # (B, R, C)
     batch = jnp.arange(x.shape[0])[:, None]
-    summed = jnp.zeros(kept.shape, jnp.float32).at[batch, plan.src_slot].add(offsets)  # (B, M, C)
-    return (kept.astype(jnp.float32) + summed * plan.slot_scale[..., None]).astype(x.dtype)
+    mean = kept.astype(jnp.float32).at[batch, plan.src_slot].add(offsets * scale_of_src[..., None])
+    return mean.astype(x.dtype)
 
 
 def unmerge(plan: MergePlan | None, y: jax.Array) -> jax.Array:
@@ -282,7 +283,7 @@ def merge_top_sources(
     """
     batch = src_tokens.shape[0]
     rows = jnp.arange(batch)[:, None]
-    _, chosen = jax.lax.top_k(-rank, merge_count)  # (B, R) positions in the source list
+    _, chosen = jax.lax.top_k(rank, merge_count)  # (B, R) positions in the source list
     merging = jnp.take_along_axis(src_tokens, chosen, axis=1)  # (B, R) token ids
     into = jnp.take_along_axis(best_dst, chosen, axis=1)  # (B, R)
     tokens = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch, num_tokens))

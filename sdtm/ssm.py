@@ -104,6 +104,7 @@ class SSMMerger:
     needs_key_attention = False
 
     def __post_init__(self):
+        object.__setattr__(self, "window", as_pair(self.window))  # hashable, for jit
         if self.frequency is not None and self.frequency not in FREQUENCY_MODES:
             raise ValueError(f"frequency must be one of {FREQUENCY_MODES} or None, got {self.frequency!r}")
 

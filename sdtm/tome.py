@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from sdtm.merger import MergeState, check_state
 from sdtm.ops import (
     MergePlan,
+    as_pair,
     check_merge_count,
     checked_windows,
     identity_plan,
@@ -73,6 +74,9 @@ class ToMeMerger:
     merge_mlp: bool = False
 
     needs_key_attention = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "window", as_pair(self.window))  # hashable, for jit
 
     def build(
         self, metric: jax.Array, state: MergeState, *, grid: tuple[int, int], key_attention=None

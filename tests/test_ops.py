@@ -161,7 +161,9 @@ def test_benchmarked_merge_variants_agree_with_merge(kind):
 
 
 def test_window_tokens_layout():
-    np.testing.assert_array_equal(window_tokens((4, 4), (2, 2)), [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]])
+    np.testing.assert_array_equal(
+        window_tokens((4, 4), (2, 2)), [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+    )
     np.testing.assert_array_equal(window_tokens((2, 6), (1, 3)), [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]])
 
 

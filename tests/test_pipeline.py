@@ -76,9 +76,10 @@ def test_merging_runs_end_to_end(weights, method):
 
 def test_sdtm_compiles_one_scan_per_phase(weights):
     phases = sdtm.schedule(sdtm.SDTMConfig(), 10, CFG.num_tokens)
-    text = _run.lower(*_args(weights, 10), plan=_plan(weights, 10, True)).as_text()
+    loops = _run.lower(*_args(weights, 10), plan=_plan(weights, 10, True)).as_text().count("stablehlo.while")
+    baseline_loops = _run.lower(*_args(weights, 10), plan=_plan(weights, 10, False)).as_text().count("stablehlo.while")
     assert len(phases) >= 2
-    assert text.count("stablehlo.while") == len(phases)
+    assert loops == len(phases) * baseline_loops  # each phase: its steps' scan (over the scanned blocks)
 
 
 def _plan(weights, steps, method):
@@ -136,3 +137,14 @@ def test_cli_writes_png_with_rows_and_timings(tmp_path, capsys):
     assert '"sneaker", "bag"' in image.info["prompts"]
     assert main(["dragon", "--weights", str(tmp_path / "w")]) == 2
     assert "unknown class name 'dragon'" in capsys.readouterr().err
+
+
+def test_no_weights_uses_the_shipped_default():
+    from dit_jax.weights import DEFAULT_WEIGHTS, load
+
+    shipped = load()
+    assert shipped.config.class_names[7] == "sneaker" and shipped.config.pixel_space
+    assert {a.dtype for a in jax.tree.leaves(shipped)} == {jnp.dtype(jnp.float32)}
+    assert sum(f.stat().st_size for f in DEFAULT_WEIGHTS.rglob("*") if f.is_file()) <= 25e6
+    images = sample(None, "sneaker", steps=2)
+    assert images.shape == (1, 32, 32, 1) and images.dtype == np.uint8

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from dit_jax import data, load
+from dit_jax.diffusion.schedule import linear_betas
 from dit_jax.train import (
     DiffusionTables,
     TrainConfig,
@@ -25,7 +26,6 @@ from dit_jax.train import (
     discretized_gaussian_log_likelihood,
     ema_decay_at,
     init_params,
-    linear_betas,
     parse_args,
     train,
     variational_bound_terms,
@@ -208,7 +208,8 @@ def test_checkpoints_and_bundle(run_a):
     ema_qkv = run_a.state["ema"]["blocks"]["0"]["attn"]["qkv"]["kernel"]
     np.testing.assert_array_equal(np.asarray(weights.dit["blocks"][0]["attn"]["qkv"]["kernel"]), ema_qkv)
     assert np.any(ema_qkv != run_a.state["params"]["blocks"]["0"]["attn"]["qkv"]["kernel"])
-    out_img = dit_module(weights)(jnp.zeros((2, 32, 32, 1)), jnp.array([10, 500]), jnp.array([7, 10]))
+    forward = jax.jit(lambda w, x, t, y: dit_module(w)(x, t, y))
+    out_img = forward(weights, jnp.zeros((2, 32, 32, 1)), jnp.array([10, 500]), jnp.array([7, 10]))
     assert out_img.shape == (2, 32, 32, 2) and bool(jnp.all(jnp.isfinite(out_img)))
 
 
@@ -226,7 +227,7 @@ def test_resume_continues_exactly(run_a, tmp_path, tiny_dataset):
     for name in ("params", "ema"):
         for got, want in zip(jax.tree.leaves(second.state[name]), jax.tree.leaves(run_a.state[name])):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    assert load(tmp_path / "final").dtype == jnp.bfloat16
+    assert load(tmp_path / "final", dtype=None).dtype == jnp.bfloat16  # stored bf16 (load() upcasts by default)
     with pytest.raises(ValueError, match="another model"):
         train(tiny_config(tmp_path, resume=True, hidden_size=64, num_heads=2), dataset=tiny_dataset, log=lambda line: None)
 

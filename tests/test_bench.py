@@ -1,0 +1,44 @@
+"""python -m dit_jax.bench on a tiny variant: it runs, its JSON has every field, bad options fail clearly.
+(Speed itself is never asserted.)"""
+
+import json
+
+import pytest
+
+from dit_jax.bench import main
+
+TINY = ["--variant", "DiT-S/2", "--input-size", "8", "--depth", "1", "--batch", "2", "--repeats", "2"]
+FIELDS = {"strategy", "compile_s", "median_s", "min_s", "max_s", "speedup", "token_share_attn", "token_share_mlp",
+          "flops", "xla_flops", "achieved_flops_per_s", "share_of_peak"}
+
+
+@pytest.mark.parametrize("mode,strategies", [
+    ("sample", "baseline,sdtm,tome:0.5"),
+    ("forward", "baseline,ssm:0.5,idm:0.5,tome:0.5"),
+    ("merge", "ssm:0.5,idm:0.5,tome:0.5"),
+])
+def test_bench_runs_and_writes_every_field(tmp_path, capsys, mode, strategies):
+    out = tmp_path / "b.json"
+    extra = ["--steps", "2"] if mode == "sample" else []
+    assert main([mode, *TINY, *extra, "--strategies", strategies, "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["config"]["mode"] == mode and data["config"]["tokens"] == 16
+    assert [r["strategy"] for r in data["results"]] == strategies.split(",")
+    for row in data["results"]:
+        assert set(row) == FIELDS
+        assert row["median_s"] > 0 and row["min_s"] <= row["median_s"] <= row["max_s"]
+    if mode != "merge":
+        assert data["results"][0]["speedup"] == 1.0
+        assert data["results"][1]["token_share_mlp"] < 1.0
+    assert "speed-up" in capsys.readouterr().out
+
+
+def test_bench_bad_options(capsys):
+    assert main(["sample", *TINY, "--strategies", "sdtm,baseline"]) == 2
+    assert "must start with baseline" in capsys.readouterr().err
+    assert main(["forward", *TINY, "--strategies", "baseline,fast"]) == 2
+    assert "unknown strategy 'fast'" in capsys.readouterr().err
+    assert main(["sample", *TINY, "--torch"]) == 2
+    assert "--torch compares one forward pass" in capsys.readouterr().err
+    assert main(["sample", "--image-size", "100"]) == 2
+    assert "not a multiple of 8" in capsys.readouterr().err
