@@ -30,6 +30,7 @@ from flax import nnx
 
 import sdtm as sdtm_lib
 from dit_jax.models.dit import DiT, DiTConfig, variant
+from dit_jax.nn.attention import attention_implementation
 from dit_jax.pipeline import _run, prepare
 from dit_jax.weights import BundleConfig, Weights, dit_module
 
@@ -72,18 +73,33 @@ class Result:
 
 
 def parse_strategy(text: str):
-    """"baseline" | "sdtm" | "sdtm:RATIO" | "tome:RATIO" | "ssm:RATIO" | "idm:RATIO" (the last two: forward only)."""
+    """NAME[:RATIO][*EVERY][/ATTENTION] -> what `sample(sdtm=...)` takes, or ("ssm"|"idm", config).
+
+    NAME: baseline, sdtm, tome, or (forward and merge modes only) ssm / idm, one stage at a fixed
+    ratio; EVERY: blocks sharing one plan (plan_every); ATTENTION: xla or cudnn (see attention_of).
+    A trailing "+unrolled" runs the blocks as a Python loop instead of a scan (see unrolled).
+    """
+    text = text.partition("+")[0].partition("/")[0]
+    text, _, every = text.partition("*")
     name, _, value = text.partition(":")
     ratio = float(value) if value else None
+    plan_every = int(every) if every else 1
     if name == "baseline":
         return False
     if name == "sdtm":
-        return sdtm_lib.SDTMConfig() if ratio is None else sdtm_lib.SDTMConfig(ratio=ratio)
+        return sdtm_lib.SDTMConfig(plan_every=plan_every, **({} if ratio is None else {"ratio": ratio}))
     if name == "tome":
-        return sdtm_lib.ToMeConfig(ratio=0.5 if ratio is None else ratio)
+        return sdtm_lib.ToMeConfig(ratio=0.5 if ratio is None else ratio, plan_every=plan_every)
     if name in ("ssm", "idm"):
-        return (name, 0.5 if ratio is None else ratio)
-    raise ValueError(f"unknown strategy {text!r}; use baseline, sdtm[:RATIO], tome[:RATIO], ssm:RATIO or idm:RATIO")
+        stage = sdtm_lib.SDTMConfig(
+            ratio=0.5 if ratio is None else ratio, deviation=0.0, switch_step=1.0 if name == "ssm" else 0,
+            plan_every=plan_every,
+        )
+        return (name, stage)
+    raise ValueError(
+        f"unknown strategy {text!r}; use baseline, sdtm[:RATIO], tome[:RATIO], ssm:RATIO or idm:RATIO, "
+        "optionally with *EVERY (plan sharing) and /xla or /cudnn"
+    )
 
 
 def block_flops(cfg: DiTConfig, attn_tokens: int, mlp_tokens: int) -> float:
@@ -139,6 +155,34 @@ def _xla_flops(compiled) -> float | None:
         return None
 
 
+def unrolled(text: str) -> bool:
+    """Whether a strategy asks for unrolled blocks ("+unrolled"); the default scans them."""
+    suffix = text.partition("+")[2]
+    if suffix not in ("", "unrolled"):
+        raise ValueError(f"{text}: the only suffix after '+' is 'unrolled'")
+    return suffix == "unrolled"
+
+
+def attention_of(text: str) -> str:
+    """The attention implementation a strategy names after "/" (default "auto")."""
+    name = text.partition("+")[0].partition("/")[2] or "auto"
+    if name not in ("auto", "xla", "cudnn"):
+        raise ValueError(f"{text}: attention implementation must be xla or cudnn after '/'")
+    return name
+
+
+def _compile(text: str, lower: Callable):
+    """Compile one strategy with its attention implementation; None (and a message) if it cannot
+    be built here, e.g. cuDNN attention without a GPU, so the other strategies still run."""
+    try:
+        with attention_implementation(attention_of(text)):
+            return lower().compile()
+    except Exception as e:  # noqa: BLE001 - reported, the run goes on
+        print(f"{text}: skipped, it does not compile here ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
+              file=sys.stderr)
+        return None
+
+
 def _timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     jax.block_until_ready(fn())
@@ -156,8 +200,11 @@ def build_sample_cases(weights: Weights, strategies: list[str], args) -> list[tu
             weights, [i % cfg.num_classes for i in range(args.batch)], sdtm=method, sampler=args.sampler,
             steps=args.steps, cfg_scale=args.cfg, output="latents",
         )
+        plan = dataclasses.replace(plan, scan_blocks=not unrolled(text))
         start = time.perf_counter()
-        compiled = _run.lower(*call_args, plan=plan).compile()
+        compiled = _compile(text, lambda: _run.lower(*call_args, plan=plan))
+        if compiled is None:
+            continue
         compile_s = time.perf_counter() - start
         model_batch = args.batch * (2 if plan.guided else 1)
         attn_share = mlp_share = flops = 0.0
@@ -186,14 +233,15 @@ def build_forward_cases(weights: Weights, strategies: list[str], args):
         method = parse_strategy(text)
         phase = None
         if isinstance(method, tuple):
-            kind, ratio = method
-            config = sdtm_lib.SDTMConfig(ratio=ratio, deviation=0.0, switch_step=1.0 if kind == "ssm" else 0)
-            phase = sdtm_lib.schedule(config, 1, n, grid=cfg.grid)[0]
+            phase = sdtm_lib.schedule(method[1], 1, n, grid=cfg.grid)[0]
         elif method is not False:
             phase = sdtm_lib.schedule(method, 1, n, grid=cfg.grid)[0]
-        fn = jax.jit(functools.partial(_forward, graphdef=graphdef, merger=None if phase is None else phase.merger))
+        fn = jax.jit(functools.partial(
+            _forward, graphdef=None if unrolled(text) else graphdef, merger=None if phase is None else phase.merger))
         start = time.perf_counter()
-        compiled = fn.lower(weights, stacked, x, t, y).compile()
+        compiled = _compile(text, lambda: fn.lower(weights, stacked, x, t, y))
+        if compiled is None:
+            continue
         compile_s = time.perf_counter() - start
         a, m = (n, n) if phase is None else phase_tokens(phase, n)
         cases.append((text, lambda c=compiled: c(weights, stacked, x, t, y), compile_s, a / n, m / n,
@@ -204,10 +252,10 @@ def build_forward_cases(weights: Weights, strategies: list[str], args):
 
 
 def _forward(weights: Weights, stacked, x, t, y, *, graphdef, merger):
-    """One forward pass over pre-stacked blocks, with a fresh merge state."""
+    """One forward pass over pre-stacked blocks (graphdef None: the blocks unrolled), with a fresh merge state."""
     model = dit_module(weights)
     state = None if merger is None else sdtm_lib.init_state(x.shape[0], weights.config.dit.num_tokens)
-    return model.forward_merged(x, t, y, merger, state, block_stack=(graphdef, stacked))[0]
+    return model.forward_merged(x, t, y, merger, state, block_stack=None if graphdef is None else (graphdef, stacked))[0]
 
 
 def build_merge_cases(weights: Weights, strategies: list[str], args):
@@ -220,11 +268,7 @@ def build_merge_cases(weights: Weights, strategies: list[str], args):
         method = parse_strategy(text)
         if method is False:
             continue
-        if isinstance(method, tuple):
-            kind, ratio = method
-            config = sdtm_lib.SDTMConfig(ratio=ratio, deviation=0.0, switch_step=1.0 if kind == "ssm" else 0)
-        else:
-            config = method
+        config = method[1] if isinstance(method, tuple) else method
         phase = sdtm_lib.schedule(config, 1, n, grid=cfg.grid)[0]
 
         def blocks(x, merger=phase.merger):
@@ -329,10 +373,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = variant(args.variant, **changes)
         cfg.validate()
         strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-        if args.mode != "merge" and (not strategies or strategies[0] != "baseline"):
+        if args.mode != "merge" and (not strategies or parse_strategy(strategies[0]) is not False):
             raise ValueError("--strategies must start with baseline (speed-ups are against it)")
         for s in strategies:
             parse_strategy(s)
+            attention_of(s)
+            unrolled(s)
         if args.torch and args.mode != "forward":
             raise ValueError("--torch compares one forward pass: use it with the forward mode")
         dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32

@@ -38,11 +38,18 @@ bench() {  # name, then bench arguments
   stamp "bench $name"
   timeout 300 python3 -m dit_jax.bench "$@" --json "$OUT/bench-$name.json" 2>&1 | grep -v Warning | tee -a "$OUT/bench.log"
 }
-bench fwd256 forward --variant "$VARIANT" $BENCH_EXTRA --image-size 256 --batch 8 --dtype bfloat16 \
-  --strategies baseline,ssm:0.5,idm:0.5,tome:0.5 --repeats 20 --torch
-bench fwd512 forward --variant "$VARIANT" $BENCH_EXTRA --image-size 512 --batch 8 --dtype bfloat16 \
-  --strategies baseline,ssm:0.5,idm:0.5,tome:0.5 --repeats 20 --torch
-bench sample512 sample --variant "$VARIANT" $BENCH_EXTRA --image-size 512 --batch 8 --dtype bfloat16 \
-  --strategies baseline,sdtm,tome:0.5 --steps 20 --repeats 5
+FORWARD=${FORWARD:-baseline,baseline/xla,baseline+unrolled,ssm:0.5,ssm:0.5*4,idm:0.5,idm:0.5*4,tome:0.5,tome:0.5*4}
+SAMPLE=${SAMPLE:-baseline,sdtm,sdtm*4,tome:0.5}
+for px in ${RESOLUTIONS:-256 512}; do
+  bench "fwd$px" forward --variant "$VARIANT" $BENCH_EXTRA --image-size "$px" --batch 8 --dtype bfloat16 \
+    --strategies "$FORWARD" --repeats "${REPEATS:-20}" --torch
+done
+for px in ${SAMPLE_RESOLUTIONS:-512}; do
+  bench "sample$px" sample --variant "$VARIANT" $BENCH_EXTRA --image-size "$px" --batch 8 --dtype bfloat16 \
+    --strategies "$SAMPLE" --steps 20 --repeats "${SAMPLE_REPEATS:-5}"
+done
+stamp "samples from the shipped model in bf16 on the GPU (attention: auto)"
+timeout 120 python3 -m dit_jax.sample "T-shirt/top" trouser pullover dress coat sandal shirt sneaker bag "ankle boot" \
+  --bf16 --sdtm --tome 0.5 --out "$OUT/gpu-samples.png" 2>&1 | grep -v Warning
 stamp "done"
 grep -E "^#|^[a-z]" "$OUT/bench.log" | grep -v "^wrote"

@@ -22,6 +22,11 @@ def _check_window(window) -> tuple[int, int]:
     return pair
 
 
+def _check_plan_every(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"plan_every must be an int >= 1 (1: a plan per block), got {value!r}")
+
+
 def _check_number(name: str, value, low: float, high: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a number, got {value!r}")
@@ -44,6 +49,9 @@ class SDTMConfig:
     frequency: counter reading, "independent" (paper: time since last merged), "merged"
         (official release: time spent merged), or None (no priority).
     idm_score: IDM destinations/ranking from "attention" (paper) or "frequency" (release).
+    plan_every: build a plan in every plan_every-th block and let the blocks in between reuse
+        it (1: every block builds its own, as the paper and the release do). Building a plan is
+        a few dozen small kernels; on a GPU they cost more than merging saves unless shared.
     """
 
     ratio: float = 0.5
@@ -55,6 +63,7 @@ class SDTMConfig:
     a_d: float = 0.05
     frequency: str | None = "independent"
     idm_score: str = "attention"
+    plan_every: int = 1
 
     def __post_init__(self):
         _check_number("ratio", self.ratio, 0.0, 1.0)
@@ -82,6 +91,7 @@ class SDTMConfig:
         _check_number("a_d", self.a_d, -math.inf, math.inf)
         if self.frequency is not None and self.frequency not in FREQUENCY_MODES:
             raise ValueError(f"frequency must be one of {FREQUENCY_MODES} or None, got {self.frequency!r}")
+        _check_plan_every(self.plan_every)
         if self.idm_score not in IDM_SCORES:
             raise ValueError(f"idm_score must be one of {IDM_SCORES}, got {self.idm_score!r}")
 
@@ -109,6 +119,7 @@ class ToMeConfig:
     merge_attn, merge_mlp: which inputs get the plan (both: the same plan).
     window: (height, width) holding one destination each.
     random: random destination per window (shared by the batch), else the top-left token.
+    plan_every: as in SDTMConfig: a plan built every plan_every blocks, reused in between.
     """
 
     ratio: float = 0.5
@@ -116,9 +127,11 @@ class ToMeConfig:
     merge_mlp: bool = False
     window: tuple[int, int] = (2, 2)
     random: bool = True
+    plan_every: int = 1
 
     def __post_init__(self):
         _check_number("ratio", self.ratio, 0.0, 1.0)
+        _check_plan_every(self.plan_every)
         object.__setattr__(self, "window", _check_window(self.window))
         k = self.window[0] * self.window[1]
         if self.ratio > 1 - 1 / k:

@@ -76,7 +76,7 @@ def idm_plan(
         dst_score = jnp.zeros((batch, num_tokens), jnp.float32)
     dst_pos = jnp.argmax(dst_score[:, windows], axis=-1)  # (B, W), first position on ties
     dst_tokens, src_tokens = split_windows(windows, dst_pos)
-    best_similarity, best_dst = match_sources(unit_tokens(metric), dst_tokens, src_tokens)  # (B, S)
+    best_similarity, best_dst = match_sources(unit_tokens(metric).astype(metric.dtype), dst_tokens, src_tokens)  # (B, S)
     if attention is not None:
         rank = jnp.take_along_axis(inattentiveness(attention), src_tokens, axis=1)
     else:
@@ -99,6 +99,7 @@ class IDMMerger:
     a_d: float = 0.05
     frequency: str | None = "independent"
     score: str = "attention"
+    plan_every: int = 1  # blocks sharing one plan (see SDTMConfig.plan_every)
 
     def __post_init__(self):
         object.__setattr__(self, "window", as_pair(self.window))  # hashable, for jit

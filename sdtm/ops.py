@@ -263,11 +263,13 @@ def match_sources(unit: jax.Array, dst_tokens: jax.Array, src_tokens: jax.Array)
     """Best destination (anywhere on the grid) of every source by cosine similarity.
 
     unit [B, N, C] unit tokens; returns (best_similarity f32 [B, S], best_dst_token int32 [B, S]).
-    Ties go to the first destination in window order.
+    Ties go to the first destination in window order. The matmul runs in unit's dtype (bf16 on
+    accelerators: only the ranking matters, and an fp32-exact product costs several times the
+    merge savings on a GPU) with float32 accumulation.
     """
     dst = _take_tokens(unit, dst_tokens)  # (B, W, C)
     src = _take_tokens(unit, src_tokens)  # (B, S, C)
-    similarity = jnp.einsum("bsc,bwc->bsw", src, dst, precision=jax.lax.Precision.HIGHEST)
+    similarity = jnp.einsum("bsc,bwc->bsw", src, dst, preferred_element_type=jnp.float32)
     best_window = jnp.argmax(similarity, axis=-1)  # (B, S)
     best_similarity = jnp.max(similarity, axis=-1)
     return best_similarity, jnp.take_along_axis(dst_tokens, best_window, axis=1)

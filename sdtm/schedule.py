@@ -188,8 +188,13 @@ def _merger(config: SDTMConfig, name: str, count: int) -> BlockMerger:
     if name == "none":
         return NoMerger()
     if name == "ssm":
-        return SSMMerger(count, window=config.window, a_s=config.a_s, frequency=config.frequency)
-    return IDMMerger(count, window=config.window, a_d=config.a_d, frequency=config.frequency, score=config.idm_score)
+        return SSMMerger(
+            count, window=config.window, a_s=config.a_s, frequency=config.frequency, plan_every=config.plan_every
+        )
+    return IDMMerger(
+        count, window=config.window, a_d=config.a_d, frequency=config.frequency, score=config.idm_score,
+        plan_every=config.plan_every,
+    )
 
 
 def schedule(
@@ -210,7 +215,7 @@ def schedule(
             return [Phase(0, steps, "none", 0, NoMerger())]
         merger = ToMeMerger(
             count, window=config.window, random=config.random,
-            merge_attn=config.merge_attn, merge_mlp=config.merge_mlp,
+            merge_attn=config.merge_attn, merge_mlp=config.merge_mlp, plan_every=config.plan_every,
         )
         return [Phase(0, steps, "tome", count, merger)]
     if isinstance(config, SDTMConfig):

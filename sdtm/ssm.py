@@ -101,6 +101,8 @@ class SSMMerger:
     a_s: float = 0.05
     frequency: str | None = "independent"
 
+    plan_every: int = 1  # blocks sharing one plan (see SDTMConfig.plan_every)
+
     needs_key_attention = False
 
     def __post_init__(self):

@@ -53,7 +53,7 @@ def tome_plan(
     else:
         dst_pos = jax.random.randint(key, (num_windows,), 0, k, dtype=jnp.int32)
     dst_tokens, src_tokens = split_windows(windows, jnp.broadcast_to(dst_pos, (batch, num_windows)))
-    best_similarity, best_dst = match_sources(unit_tokens(metric), dst_tokens, src_tokens)  # (B, S)
+    best_similarity, best_dst = match_sources(unit_tokens(metric).astype(metric.dtype), dst_tokens, src_tokens)  # (B, S)
     return merge_top_sources(src_tokens, best_dst, best_similarity, merge_count, num_tokens)
 
 
@@ -72,6 +72,8 @@ class ToMeMerger:
     random: bool = True
     merge_attn: bool = True
     merge_mlp: bool = False
+
+    plan_every: int = 1  # blocks sharing one plan (see SDTMConfig.plan_every)
 
     needs_key_attention = False
 

@@ -168,13 +168,19 @@ class DiTBlock(nnx.Module):
         merger: BlockMerger | None = None,
         state: MergeState | None = None,
         grid: tuple[int, int] | None = None,
-    ) -> tuple[jax.Array, MergeState | None]:
+        plans: tuple | None = None,
+    ) -> tuple[jax.Array, MergeState | None, tuple]:
+        """Returns (x, state, (attn_plan, mlp_plan)). Given `plans`, a block reuses them
+        (built by an earlier block) instead of asking the merger for its own."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(
             self.adaLN_modulation(jax.nn.silu(c)), 6, axis=-1
         )
         h = modulate(layer_norm(x), shift_msa, scale_msa)  # (B, N, D): the merge metric
         attn_plan = mlp_plan = None
-        if merger is None:
+        if plans is not None:
+            attn_plan, mlp_plan = plans
+            attn_out = unmerge(attn_plan, self.attn(merge(attn_plan, h)))
+        elif merger is None:
             attn_out = self.attn(h)
         elif merger.needs_key_attention:
             # IDM ranks tokens by the attention they receive: attention runs on every token first.
@@ -188,7 +194,7 @@ class DiTBlock(nnx.Module):
         x = x + gate_msa[:, None] * attn_out
         h = modulate(layer_norm(x), shift_mlp, scale_mlp)
         x = x + gate_mlp[:, None] * unmerge(mlp_plan, self.mlp(merge(mlp_plan, h)))
-        return x, state
+        return x, state, (attn_plan, mlp_plan)
 
 
 class FinalLayer(nnx.Module):
@@ -251,20 +257,58 @@ class DiT(nnx.Module):
             )
         tokens = self.x_embedder(x) + self.pos_embed[...]  # (B, T, D)
         c = self.t_embedder(jnp.broadcast_to(t, (b,))) + self.y_embedder(y)  # (B, D)
+        every = getattr(merger, "plan_every", 1) if merger is not None else 1
         if block_stack is None:
-            for block in self.blocks:
-                tokens, merge_state = block(tokens, c, merger, merge_state, cfg.grid)
+            plans = None
+            for i, block in enumerate(self.blocks):
+                reuse = plans if i % every else None
+                tokens, merge_state, plans = block(tokens, c, merger, merge_state, cfg.grid, reuse)
         else:
-            graphdef, stacked = block_stack
-
-            def one_block(carry, block_state):
-                tokens, merge_state = carry
-                block = nnx.merge(graphdef, block_state)
-                return block(tokens, c, merger, merge_state, cfg.grid), None
-
-            (tokens, merge_state), _ = jax.lax.scan(one_block, (tokens, merge_state), stacked)
+            tokens, merge_state = self._scan_blocks(tokens, c, merger, merge_state, block_stack, every)
         out = self.final_layer(tokens, c)  # (B, T, p*p*C_out)
         return self.unpatchify(out), merge_state
+
+    def _scan_blocks(self, tokens, c, merger, merge_state, block_stack, every: int):
+        """The blocks as scans over their stacked parameters. With plan sharing (every > 1), an
+        outer scan over groups of `every` blocks: a group's first block builds the plans and an
+        inner scan runs the others with them; a last, shorter group (depth % every) likewise."""
+        graphdef, stacked = block_stack
+        grid = self.config.grid
+
+        def run(block_state, tokens, merge_state, plans=None):
+            return nnx.merge(graphdef, block_state)(tokens, c, merger, merge_state, grid, plans)
+
+        if every == 1:
+            def one_block(carry, block_state):
+                tokens, merge_state, _ = run(block_state, *carry)
+                return (tokens, merge_state), None
+
+            return jax.lax.scan(one_block, (tokens, merge_state), stacked)[0]
+
+        def one_group(carry, group):  # group: (first block's params, the others' stacked)
+            tokens, merge_state = carry
+            first, others = group
+            tokens, merge_state, plans = run(first, tokens, merge_state)
+
+            def reuse(tokens, block_state):
+                return run(block_state, tokens, None, plans)[0], None
+
+            tokens = jax.lax.scan(reuse, tokens, others)[0]
+            return (tokens, merge_state), None
+
+        depth = self.config.depth
+        full = depth // every * every
+        carry = (tokens, merge_state)
+        if full:
+            # Split outside the scan so the loop body slices nothing (a slice would copy weights).
+            grouped = jax.tree.map(lambda a: a[:full].reshape(full // every, every, *a.shape[1:]), stacked)
+            firsts = jax.tree.map(lambda a: a[:, 0], grouped)
+            others = jax.tree.map(lambda a: a[:, 1:], grouped)
+            carry = jax.lax.scan(one_group, carry, (firsts, others))[0]
+        if full < depth:
+            tail = jax.tree.map(lambda a: a[full:], stacked)
+            carry = one_group(carry, (jax.tree.map(lambda a: a[0], tail), jax.tree.map(lambda a: a[1:], tail)))[0]
+        return carry
 
     def unpatchify(self, x: jax.Array) -> jax.Array:
         """(B, T, p*p*C) -> (B, H, W, C); each token's vector is laid out (p, p, C) like DiT's."""

@@ -2,9 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+# "auto": cuDNN's fused flash attention on GPUs for bf16/fp16 (jax's own default is XLA's
+# unfused attention), XLA elsewhere. "xla" or "cudnn" force one; read when a function is traced.
+_IMPLEMENTATION = os.environ.get("DIT_JAX_ATTENTION", "auto")
+
+
+@contextlib.contextmanager
+def attention_implementation(name: str):
+    """Trace the attention inside this block with `name` ("auto", "xla" or "cudnn")."""
+    global _IMPLEMENTATION
+    if name not in ("auto", "xla", "cudnn"):
+        raise ValueError(f"attention implementation must be auto, xla or cudnn, got {name!r}")
+    previous, _IMPLEMENTATION = _IMPLEMENTATION, name
+    try:
+        yield
+    finally:
+        _IMPLEMENTATION = previous
+
+
+def _implementation(dtype) -> str | None:
+    if _IMPLEMENTATION == "auto":
+        fused = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+        return "cudnn" if fused else None
+    return None if _IMPLEMENTATION == "xla" else _IMPLEMENTATION
+
 
 # Queries sampled to estimate how much attention each key receives (IDM's attention score).
 KEY_ATTENTION_QUERIES = 64
@@ -39,7 +67,7 @@ class Attention(nnx.Module):
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, h, hd)
-        out = jax.nn.dot_product_attention(q, k, v).reshape(b, n, d)
+        out = jax.nn.dot_product_attention(q, k, v, implementation=_implementation(q.dtype)).reshape(b, n, d)
         out = self.proj(out)
         if with_key_attention:
             return out, key_attention(q, k)
