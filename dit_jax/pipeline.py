@@ -4,6 +4,10 @@ The whole denoising loop is one jitted function. Token merging enters as a stati
 phases (`sdtm.schedule`): each phase is a `lax.scan` over its steps with its own static merge
 counts, and the merge state (frequency counters) travels in the scan carry. Prompts, seed and
 guidance scale are traced values: changing them never recompiles.
+
+Data parallelism: when the batch divides over the devices, the images are split over them along
+a mesh axis named "data" (weights replicated) and jit partitions the loop; every random draw is
+made for the whole batch, so the result does not depend on the device layout.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import sdtm as sdtm_lib
 from dit_jax.diffusion.samplers import SAMPLER_NAMES, Sampler, make_sampler
@@ -25,6 +30,7 @@ from dit_jax.prompts import Prompt, class_ids
 from dit_jax.weights import Weights, dit_module, load, vae_module
 
 OUTPUTS = ("images", "latents")
+DATA_AXIS = "data"  # the mesh axis the images are split over
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +43,7 @@ class SamplingPlan:
     decode: bool  # run the VAE (or map pixels) to uint8 images
     progress: bool = False  # print a line per step from inside the compiled loop
     scan_blocks: bool = True  # one compiled block scanned over the depth (see DiT.stacked_blocks)
+    batch_sharding: NamedSharding | None = None  # images split over devices; None: one device
 
 
 def denoise(weights: Weights, x: jax.Array, t: jax.Array, cond: jax.Array, *, sdtm_plan=None) -> jax.Array:
@@ -63,15 +70,25 @@ def _to_uint8(images: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("plan",))
 def _run(weights: Weights, x_T, labels, cfg_scale, key, plan: SamplingPlan):
-    """The compiled sampler: x_T (B, H, W, C), labels (B,) -> uint8 images or final latents."""
+    """The compiled sampler: x_T (B, H, W, C), labels (B,) -> uint8 images or final latents.
+
+    With guidance the network sees 2B rows in pairs, image i's conditional row at 2i and its
+    unconditional row at 2i + 1 (not [cond; uncond]), so that a batch split over devices keeps
+    both rows of an image, and their merge counters, on the device that holds the image.
+    """
     model = dit_module(weights)
     cfg = weights.config.dit
     batch = x_T.shape[0]
+
+    def split_images(a):  # pin an array with one row (or row pair) per image to the batch layout
+        return a if plan.batch_sharding is None else jax.lax.with_sharding_constraint(a, plan.batch_sharding)
+
     if plan.guided:
-        labels = jnp.concatenate([labels, jnp.full_like(labels, cfg.null_class)])
+        labels = jnp.stack([labels, jnp.full_like(labels, cfg.null_class)], axis=1).reshape(-1)  # (2B,)
     model_batch = labels.shape[0]
     state = sdtm_lib.init_state(model_batch, cfg.num_tokens, jax.random.fold_in(key, 1))
-    carry = plan.sampler.init(x_T.astype(jnp.float32))
+    state = {**state, "counter": split_images(state["counter"])}  # (2B, N)
+    carry = plan.sampler.init(split_images(x_T.astype(jnp.float32)))
     noise_key = jax.random.fold_in(key, 2)
     blocks = model.stacked_blocks() if plan.scan_blocks else None
 
@@ -82,13 +99,15 @@ def _run(weights: Weights, x_T, labels, cfg_scale, key, plan: SamplingPlan):
             carry, state = loop
             x = plan.sampler.sample(carry).astype(weights.dtype)
             if plan.guided:
-                x = jnp.concatenate([x, x])
+                x = jnp.repeat(x, 2, axis=0)  # (2B, H, W, C): each image twice, side by side
             t = jnp.full((model_batch,), plan.sampler.timestep(i))
-            out, state = model.forward_merged(x, t, labels, merger, state, block_stack=blocks)
+            out, state = model.forward_merged(split_images(x), t, labels, merger, state, block_stack=blocks)
             out = out.astype(jnp.float32)
             if plan.guided:
                 # DiT guides 3 of its 4 latent channels; a model with fewer guides them all.
-                out = guide(out, cfg_scale, guided_channels=min(3, cfg.in_channels))[:batch]
+                channels = min(3, cfg.in_channels)
+                pairs = out.reshape(batch, 2, *out.shape[1:])  # (B, 2, H, W, C_out): [cond, uncond]
+                out = jax.vmap(lambda pair: guide(pair, cfg_scale, guided_channels=channels)[0])(pairs)
             carry = plan.sampler.step(carry, out, i, jax.random.fold_in(noise_key, i))
             if plan.progress:
                 jax.debug.callback(_report_step, i, plan.sampler.num_steps)
@@ -123,6 +142,24 @@ def merge_phases(sdtm, steps: int, num_tokens: int, grid: tuple[int, int]) -> tu
     return tuple(sdtm_lib.schedule(sdtm, steps, num_tokens, grid=grid))
 
 
+def data_sharding(batch: int, mesh: Mesh | None = None) -> NamedSharding | None:
+    """How `batch` images are split: over `mesh`'s "data" axis, or (mesh None) over all of
+    `jax.devices()` when the batch divides evenly by their number; None means one device."""
+    if mesh is None:
+        devices = jax.devices()
+        if len(devices) == 1 or batch % len(devices):
+            return None  # one device: nothing to split, or a batch that does not divide
+        mesh = Mesh(np.array(devices), (DATA_AXIS,))
+    elif not isinstance(mesh, Mesh) or DATA_AXIS not in mesh.axis_names:
+        raise ValueError(f"mesh must be a jax.sharding.Mesh with an axis named {DATA_AXIS!r}, got {mesh!r}")
+    elif batch % mesh.shape[DATA_AXIS]:
+        raise ValueError(
+            f"{batch} image(s) do not split over the {mesh.shape[DATA_AXIS]} devices of the mesh's "
+            f"{DATA_AXIS!r} axis: use a multiple of {mesh.shape[DATA_AXIS]} images, or mesh=None"
+        )
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
 def prepare(
     weights: Weights,
     prompt: Prompt | Sequence[Prompt],
@@ -136,9 +173,10 @@ def prepare(
     latents=None,
     output: str = "images",
     progress: bool = False,
+    mesh: Mesh | None = None,
 ):
     """Validate every argument (before anything compiles) and build the static plan and the
-    traced inputs of `_run`. Returns (plan, args)."""
+    traced inputs of `_run`, placed on the devices they run on. Returns (plan, args)."""
     cfg = weights.config.dit
     if sampler not in SAMPLER_NAMES:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}")
@@ -164,6 +202,7 @@ def prepare(
                 f"latents have shape {tuple(x_T.shape)}; this model samples {shape} "
                 f"(batch, {cfg.input_size}, {cfg.input_size}, {cfg.in_channels}) for {count} image(s)"
             )
+    sharding = data_sharding(count, mesh)
     guided = cfg_scale != 1.0
     if guided and cfg.class_dropout_prob <= 0:
         raise ValueError("this model has no null class (trained without label dropout): use cfg_scale=1.0")
@@ -173,9 +212,26 @@ def prepare(
         guided=guided,
         decode=output == "images",
         progress=progress,
+        batch_sharding=sharding,
     )
     args = (weights, x_T, jnp.asarray(labels), jnp.float32(cfg_scale), jax.random.key(seed))
+    if sharding is not None:
+        # Inputs placed, jit propagates: images split, weights / scale / key on every device.
+        # Placing already-placed weights again is free; on several hosts every process must pass
+        # the same values (the same seed and prompts), which device_put checks.
+        replicated = NamedSharding(sharding.mesh, PartitionSpec())
+        args = (jax.device_put(weights, replicated), jax.device_put(x_T, sharding),
+                jax.device_put(args[2], sharding), *jax.device_put(args[3:], replicated))
     return plan, args
+
+
+def to_host(result: jax.Array) -> np.ndarray:
+    """A (possibly sharded, possibly multi-host) result as one NumPy array on this host."""
+    if result.is_fully_addressable:
+        return np.asarray(result)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(result, tiled=True))
 
 
 def sample(
@@ -190,6 +246,7 @@ def sample(
     num_images: int | None = None,
     latents=None,
     output: str = "images",
+    mesh: Mesh | None = None,
 ) -> np.ndarray:
     """Generate images for class prompts.
 
@@ -205,13 +262,18 @@ def sample(
       seed: initial noise and sampler noise; num_images: images for a single prompt (default 1).
       latents: optional initial noise (B, H, W, C) NHWC instead of the seed's.
       output: "images" (uint8 NHWC) or "latents" (float32 NHWC, before the VAE).
+      mesh: a `jax.sharding.Mesh` with a "data" axis to split the images over (its size must
+        divide the batch). None: split over all of `jax.devices()` when the batch divides evenly
+        by their number, else run on one device. The split changes the images by float rounding
+        only (every random draw is made for the whole batch). Weights already replicated on the
+        mesh (`jax.device_put(w, NamedSharding(mesh, PartitionSpec()))`) are used in place.
     """
     weights = load() if weights is None else weights
     plan, args = prepare(
         weights, prompt, sdtm=sdtm, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed,
-        num_images=num_images, latents=latents, output=output,
+        num_images=num_images, latents=latents, output=output, mesh=mesh,
     )
-    return np.asarray(_run(*args, plan=plan))
+    return to_host(_run(*args, plan=plan))
 
 
 def compile_and_run(plan: SamplingPlan, args) -> tuple[np.ndarray, float, float]:
@@ -220,5 +282,5 @@ def compile_and_run(plan: SamplingPlan, args) -> tuple[np.ndarray, float, float]
     compiled = _run.lower(*args, plan=plan).compile()
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
-    result = np.asarray(jax.block_until_ready(compiled(*args)))
+    result = to_host(jax.block_until_ready(compiled(*args)))
     return result, compile_s, time.perf_counter() - start
