@@ -32,7 +32,7 @@ import sdtm as sdtm_lib
 from dit_jax.models.dit import DiT, DiTConfig, variant
 from dit_jax.nn.attention import attention_implementation
 from dit_jax.pipeline import _run, prepare
-from dit_jax.weights import BundleConfig, Weights, dit_module
+from dit_jax.weights import BundleConfig, Weights, dit_module, use_compilation_cache
 
 MODES = ("sample", "forward", "merge")
 # Dense bf16 tensor-core peaks (vendor datasheets, SXM parts), for the share-of-peak column.
@@ -359,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cfg", type=float, default=4.0)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--torch", action="store_true", help="forward mode: add diffusers' DiT on the same hardware")
+    ap.add_argument("--compile-cache", metavar="DIR", help="persistent compilation cache folder (reused across runs)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
 
@@ -382,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.torch and args.mode != "forward":
             raise ValueError("--torch compares one forward pass: use it with the forward mode")
         dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+        if args.compile_cache:
+            use_compilation_cache(args.compile_cache)
         weights = random_weights(cfg, dtype)
         builder = {"sample": build_sample_cases, "forward": build_forward_cases, "merge": build_merge_cases}[args.mode]
         cases = builder(weights, strategies, args)

@@ -20,7 +20,7 @@ import sdtm as sdtm_lib
 from dit_jax.diffusion.samplers import SAMPLER_NAMES
 from dit_jax.pipeline import compile_and_run, prepare
 from dit_jax.prompts import class_ids, class_label
-from dit_jax.weights import load
+from dit_jax.weights import load, use_compilation_cache
 
 
 def image_grid(rows: list[np.ndarray]) -> np.ndarray:
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ratio", type=float, help="SDTM compression ratio (default 0.5)")
     ap.add_argument("--tome", type=float, metavar="RATIO", help="add a row with ToMe merging this fraction")
     ap.add_argument("--no-baseline", action="store_true", help="skip the baseline row")
+    ap.add_argument("--compile-cache", metavar="DIR", help="persistent compilation cache folder (reused across runs)")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 weights and compute (accelerators)")
     ap.add_argument("--out", default="samples.png", help="PNG file to write")
     args = ap.parse_args(argv)
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import jax.numpy as jnp
 
+        if args.compile_cache:
+            use_compilation_cache(args.compile_cache)
         weights = load(args.weights, dtype=jnp.bfloat16 if args.bf16 else None)
         names = weights.config.class_names
         prompts: list = list(args.prompts)

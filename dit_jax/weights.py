@@ -116,6 +116,16 @@ def _vae_graph(config, dtype) -> nnx.GraphDef:
     return nnx.split(abstract)[0]
 
 
+def use_compilation_cache(directory: str | os.PathLike, min_compile_seconds: float = 0.5) -> None:
+    """Keep compiled programs in `directory` (JAX's persistent compilation cache): a later process
+    that compiles the same sampler for the same device reads it back instead of compiling.
+    Call it before the first compilation of the process."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def init_dit_params(config: DiTConfig, seed: int = 0, dtype=jnp.float32) -> dict:
     """Freshly initialised DiT parameters as a pure dict (random weights for tests and benchmarks)."""
     return nnx.to_pure_dict(nnx.state(DiT(config, rngs=nnx.Rngs(seed), dtype=dtype)))

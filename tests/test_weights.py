@@ -49,3 +49,17 @@ def test_weights_is_a_pytree_with_static_config():
     leaves, treedef = jax.tree.flatten(w)
     assert all(hasattr(a, "shape") for a in leaves)
     assert jax.tree.unflatten(treedef, leaves).config is w.config
+
+
+def test_compilation_cache_is_written(tmp_path):
+    """In a fresh process (the cache is set up at a process's first compilation)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import jax, jax.numpy as jnp; from dit_jax.weights import use_compilation_cache; "
+        f"use_compilation_cache({str(tmp_path / 'cache')!r}, min_compile_seconds=0); "
+        "jax.jit(lambda x: jnp.sin(x) @ jnp.cos(x).T + 3.0)(jnp.ones((64, 64))).block_until_ready()"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    assert any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
