@@ -44,6 +44,8 @@ class SamplingPlan:
     progress: bool = False  # print a line per step from inside the compiled loop
     scan_blocks: bool = True  # one compiled block scanned over the depth (see DiT.stacked_blocks)
     batch_sharding: NamedSharding | None = None  # images split over devices; None: one device
+    protect_every: int | None = None  # SDTM's protected full-resolution steps (official release)
+    cache_weight: float = 1.0  # blend of merged outputs with the protected steps' cache
 
 
 def denoise(weights: Weights, x: jax.Array, t: jax.Array, cond: jax.Array, *, sdtm_plan=None) -> jax.Array:
@@ -91,17 +93,39 @@ def _run(weights: Weights, x_T, labels, cfg_scale, key, plan: SamplingPlan):
     carry = plan.sampler.init(split_images(x_T.astype(jnp.float32)))
     noise_key = jax.random.fold_in(key, 2)
     blocks = model.stacked_blocks() if plan.scan_blocks else None
+    # The official release's protected steps: every protect_every-th step runs at full
+    # resolution and refreshes the per-block cache that merged tokens blend with.
+    cache = None
+    if plan.protect_every:
+        cache = jnp.zeros((cfg.depth, 2, model_batch, cfg.num_tokens, cfg.hidden_size), weights.dtype)
 
     for phase in plan.phases:
         merger = phase.merger
 
-        def body(loop, i, merger=merger):
-            carry, state = loop
+        def network(x, t, i, state, cache, merger=merger):
+            """The network at step i -> (output, merge state, cache)."""
+            if cache is None or merger is None:
+                return (*model.forward_merged(x, t, labels, merger, state, block_stack=blocks), cache)
+
+            def protected(state, cache):  # full resolution; its branches become the cache
+                out, _, branches = model.forward_merged(x, t, labels, block_stack=blocks, return_branches=True)
+                return out, state, branches.astype(cache.dtype)
+
+            def merged(state, cache):
+                out, state = model.forward_merged(
+                    x, t, labels, merger, state, block_stack=blocks, cache=cache, cache_weight=plan.cache_weight
+                )
+                return out, state, cache
+
+            return jax.lax.cond(i % plan.protect_every == 0, protected, merged, state, cache)
+
+        def body(loop, i, network=network):
+            carry, state, cache = loop
             x = plan.sampler.sample(carry).astype(weights.dtype)
             if plan.guided:
                 x = jnp.repeat(x, 2, axis=0)  # (2B, H, W, C): each image twice, side by side
             t = jnp.full((model_batch,), plan.sampler.timestep(i))
-            out, state = model.forward_merged(split_images(x), t, labels, merger, state, block_stack=blocks)
+            out, state, cache = network(split_images(x), t, i, state, cache)
             out = out.astype(jnp.float32)
             if plan.guided:
                 # DiT guides 3 of its 4 latent channels; a model with fewer guides them all.
@@ -111,9 +135,9 @@ def _run(weights: Weights, x_T, labels, cfg_scale, key, plan: SamplingPlan):
             carry = plan.sampler.step(carry, out, i, jax.random.fold_in(noise_key, i))
             if plan.progress:
                 jax.debug.callback(_report_step, i, plan.sampler.num_steps)
-            return (carry, state), None
+            return (carry, state, cache), None
 
-        (carry, state), _ = jax.lax.scan(body, (carry, state), jnp.arange(phase.start, phase.stop))
+        (carry, state, cache), _ = jax.lax.scan(body, (carry, state, cache), jnp.arange(phase.start, phase.stop))
 
     latents = plan.sampler.sample(carry)
     if not plan.decode:
@@ -206,6 +230,8 @@ def prepare(
     guided = cfg_scale != 1.0
     if guided and cfg.class_dropout_prob <= 0:
         raise ValueError("this model has no null class (trained without label dropout): use cfg_scale=1.0")
+    sdtm = sdtm_lib.SDTMConfig() if sdtm is True else sdtm
+    protect = isinstance(sdtm, sdtm_lib.SDTMConfig) and sdtm.protect_every is not None
     plan = SamplingPlan(
         sampler=make_sampler(sampler, steps=int(steps), betas=linear_betas()),
         phases=merge_phases(sdtm, int(steps), cfg.num_tokens, cfg.grid),
@@ -213,6 +239,8 @@ def prepare(
         decode=output == "images",
         progress=progress,
         batch_sharding=sharding,
+        protect_every=sdtm.protect_every if protect else None,
+        cache_weight=sdtm.cache_weight if protect else 1.0,
     )
     args = (weights, x_T, jnp.asarray(labels), jnp.float32(cfg_scale), jax.random.key(seed))
     if sharding is not None:

@@ -47,7 +47,10 @@ def write_png(path: Path, image: np.ndarray, metadata: dict[str, str]) -> None:
 def _methods(args) -> list[tuple[str, object]]:
     methods: list[tuple[str, object]] = [("baseline", False)]
     if args.sdtm:
-        methods.append(("sdtm", sdtm_lib.SDTMConfig(ratio=args.ratio) if args.ratio is not None else True))
+        settings = {"plan_every": args.plan_every, "protect_every": args.protect_every, "cache_weight": args.cache_weight}
+        if args.ratio is not None:
+            settings["ratio"] = args.ratio
+        methods.append(("sdtm", sdtm_lib.SDTMConfig(**settings)))
     if args.tome is not None:
         methods.append((f"tome {args.tome}", sdtm_lib.ToMeConfig(ratio=args.tome)))
     if args.no_baseline and len(methods) > 1:
@@ -66,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-images", type=int, help="images per prompt when one prompt is given")
     ap.add_argument("--sdtm", action="store_true", help="add a row sampled with SDTM (defaults)")
     ap.add_argument("--ratio", type=float, help="SDTM compression ratio (default 0.5)")
+    ap.add_argument("--plan-every", type=int, default=1, help="SDTM: blocks sharing one merge plan")
+    ap.add_argument("--protect-every", type=int, help="SDTM: a full-resolution step every K steps (official release: 3)")
+    ap.add_argument("--cache-weight", type=float, default=1.0,
+                    help="SDTM: merged tokens' share of their own output against the protected steps' (release: 0.1)")
     ap.add_argument("--tome", type=float, metavar="RATIO", help="add a row with ToMe merging this fraction")
     ap.add_argument("--no-baseline", action="store_true", help="skip the baseline row")
     ap.add_argument("--compile-cache", metavar="DIR", help="persistent compilation cache folder (reused across runs)")
@@ -76,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import jax.numpy as jnp
 
+        methods = _methods(args)
         if args.compile_cache:
             use_compilation_cache(args.compile_cache)
         weights = load(args.weights, dtype=jnp.bfloat16 if args.bf16 else None)
@@ -85,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             prompts = prompts * args.num_images
         labels = class_ids(prompts, names, weights.config.dit.num_classes)
         rows, timings = [], []
-        for label, method in _methods(args):
+        for label, method in methods:
             plan, call_args = prepare(
                 weights, list(map(int, labels)), sdtm=method, sampler=args.sampler, steps=args.steps,
                 cfg_scale=args.cfg, seed=args.seed, progress=args.steps >= 100,

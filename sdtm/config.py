@@ -52,6 +52,11 @@ class SDTMConfig:
     plan_every: build a plan in every plan_every-th block and let the blocks in between reuse
         it (1: every block builds its own, as the paper and the release do). Building a plan is
         a few dozen small kernels; on a GPU they cost more than merging saves unless shared.
+    protect_every, cache_weight: the official release's extras, off by default. Steps i with
+        i % protect_every == 0 run at full resolution and keep every block's gated attention and
+        MLP outputs; on the other steps a merged token's output becomes cache_weight * its own +
+        (1 - cache_weight) * that cache (the release's sample.py: 3 and 0.1). The cache holds
+        depth * 2 * batch * N * hidden numbers (2.1 GB in bf16 for DiT-XL/2 at 512 px, batch 16).
     """
 
     ratio: float = 0.5
@@ -64,6 +69,8 @@ class SDTMConfig:
     frequency: str | None = "independent"
     idm_score: str = "attention"
     plan_every: int = 1
+    protect_every: int | None = None
+    cache_weight: float = 1.0
 
     def __post_init__(self):
         _check_number("ratio", self.ratio, 0.0, 1.0)
@@ -92,6 +99,16 @@ class SDTMConfig:
         if self.frequency is not None and self.frequency not in FREQUENCY_MODES:
             raise ValueError(f"frequency must be one of {FREQUENCY_MODES} or None, got {self.frequency!r}")
         _check_plan_every(self.plan_every)
+        if self.protect_every is not None and (
+            isinstance(self.protect_every, bool) or not isinstance(self.protect_every, int) or self.protect_every < 1
+        ):
+            raise ValueError(f"protect_every must be None or an int >= 1, got {self.protect_every!r}")
+        _check_number("cache_weight", self.cache_weight, 0.0, 1.0)
+        if self.cache_weight < 1.0 and self.protect_every is None:
+            raise ValueError(
+                f"cache_weight {self.cache_weight} blends with the outputs of protected (full-resolution) steps: "
+                "set protect_every too (the official release uses protect_every=3, cache_weight=0.1)"
+            )
         if self.idm_score not in IDM_SCORES:
             raise ValueError(f"idm_score must be one of {IDM_SCORES}, got {self.idm_score!r}")
 

@@ -138,6 +138,18 @@ def plan_from_parents(parent: jax.Array, is_src: jax.Array, merge_count: int) ->
     )
 
 
+def blend_merged(plan: MergePlan | None, out: jax.Array, cached: jax.Array, weight: float) -> jax.Array:
+    """weight * out + (1 - weight) * cached for tokens that were merged, `out` for the others.
+
+    out, cached [B, N, C]: a block branch's unmerged output and the same branch's output at the
+    last full-resolution step (the official release's merge/cache fusion, its `mcw`).
+    """
+    if plan is None or plan.merge_count == 0 or weight == 1.0:
+        return out
+    mask = merged_mask(plan, out.shape[0], out.shape[1])[..., None]
+    return jnp.where(mask, weight * out + (1.0 - weight) * cached.astype(out.dtype), out)
+
+
 def merged_mask(plan: MergePlan | None, batch: int, num_tokens: int) -> jax.Array:
     """bool [B, N]: True for tokens that share their slot with another token."""
     if plan is None or plan.merge_count == 0:

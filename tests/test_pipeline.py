@@ -148,3 +148,42 @@ def test_no_weights_uses_the_shipped_default():
     assert sum(f.stat().st_size for f in DEFAULT_WEIGHTS.rglob("*") if f.is_file()) <= 25e6
     images = sample(None, "sneaker", steps=2)
     assert images.shape == (1, 32, 32, 1) and images.dtype == np.uint8
+
+
+def test_protected_steps_and_cache_blend(weights):
+    """The official release's extras: protect_every=1 protects every step (= the baseline), and a
+    cache_weight of 1 ignores the cache; 0.1 runs and differs from plain SDTM."""
+    kwargs = dict(steps=6, output="latents", seed=3)
+    base = sample(weights, ["sneaker", "bag"], **kwargs)
+    all_protected = sample(weights, ["sneaker", "bag"], sdtm=sdtm.SDTMConfig(protect_every=1), **kwargs)
+    np.testing.assert_allclose(all_protected, base, rtol=1e-5, atol=1e-5)
+    plain = sample(weights, ["sneaker", "bag"], sdtm=True, **kwargs)
+    blended = sample(weights, ["sneaker", "bag"], sdtm=sdtm.SDTMConfig(protect_every=3, cache_weight=0.1), **kwargs)
+    unblended = sample(weights, ["sneaker", "bag"], sdtm=sdtm.SDTMConfig(protect_every=3), **kwargs)
+    assert np.isfinite(blended).all()
+    assert not np.allclose(blended, plain) and not np.allclose(blended, unblended)
+    with pytest.raises(ValueError, match="set protect_every too"):
+        sdtm.SDTMConfig(cache_weight=0.1)
+
+
+def test_cache_weight_one_is_the_plain_merged_forward():
+    import sdtm as sdtm_lib
+    from flax import nnx
+
+    from dit_jax.models.dit import DiT
+
+    cfg = variant("DiT-S/2", input_size=8, num_classes=10, depth=2)
+    model = DiT(cfg, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+    t, y = jnp.array([3, 600]), jnp.array([1, 2])
+    merger = sdtm_lib.schedule(sdtm_lib.SDTMConfig(switch_step=1.0), 1, cfg.num_tokens)[0].merger
+    state = sdtm_lib.init_state(2, cfg.num_tokens)
+    _, _, branches = model.forward_merged(x, t, y, return_branches=True)
+    assert branches.shape == (2, 2, 2, cfg.num_tokens, cfg.hidden_size)
+    plain = model.forward_merged(x, t, y, merger, state)[0]
+    same = model.forward_merged(x, t, y, merger, state, cache=branches, cache_weight=1.0)[0]
+    np.testing.assert_array_equal(same, plain)
+    blended = model.forward_merged(x, t, y, merger, state, cache=branches, cache_weight=0.0)[0]
+    full = model(x, t, y)
+    # merged tokens take the full-resolution branches: closer to the full forward than plain merging
+    assert np.abs(blended - full).mean() < np.abs(plain - full).mean()

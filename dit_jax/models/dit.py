@@ -20,7 +20,7 @@ from flax import nnx
 from dit_jax.nn.attention import Attention
 from dit_jax.nn.layers import Mlp, layer_norm, modulate, sincos_pos_embed_2d, timestep_embedding
 from sdtm.merger import BlockMerger, MergeState
-from sdtm.ops import merge, unmerge
+from sdtm.ops import blend_merged, merge, unmerge
 
 
 class Buffer(nnx.Variable):
@@ -169,9 +169,17 @@ class DiTBlock(nnx.Module):
         state: MergeState | None = None,
         grid: tuple[int, int] | None = None,
         plans: tuple | None = None,
-    ) -> tuple[jax.Array, MergeState | None, tuple]:
-        """Returns (x, state, (attn_plan, mlp_plan)). Given `plans`, a block reuses them
-        (built by an earlier block) instead of asking the merger for its own."""
+        cache: jax.Array | None = None,
+        cache_weight: float = 1.0,
+    ) -> tuple[jax.Array, MergeState | None, tuple, jax.Array]:
+        """Returns (x, state, (attn_plan, mlp_plan), branches).
+
+        plans: reuse these (built by an earlier block) instead of asking the merger.
+        cache (2, B, N, D): this block's gated attention and MLP outputs from the last
+          full-resolution step; merged tokens take cache_weight * their output +
+          (1 - cache_weight) * the cache (the official release's `mcw` blend).
+        branches (2, B, N, D): this call's gated attention and MLP outputs (a new cache).
+        """
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(
             self.adaLN_modulation(jax.nn.silu(c)), 6, axis=-1
         )
@@ -191,10 +199,16 @@ class DiTBlock(nnx.Module):
         else:
             attn_plan, mlp_plan, state = merger.build(h, state, grid=grid)
             attn_out = unmerge(attn_plan, self.attn(merge(attn_plan, h)))
-        x = x + gate_msa[:, None] * attn_out
+        attn_branch = gate_msa[:, None] * attn_out
+        if cache is not None:
+            attn_branch = blend_merged(attn_plan, attn_branch, cache[0], cache_weight)
+        x = x + attn_branch
         h = modulate(layer_norm(x), shift_mlp, scale_mlp)
-        x = x + gate_mlp[:, None] * unmerge(mlp_plan, self.mlp(merge(mlp_plan, h)))
-        return x, state, (attn_plan, mlp_plan)
+        mlp_branch = gate_mlp[:, None] * unmerge(mlp_plan, self.mlp(merge(mlp_plan, h)))
+        if cache is not None:
+            mlp_branch = blend_merged(mlp_plan, mlp_branch, cache[1], cache_weight)
+        x = x + mlp_branch
+        return x, state, (attn_plan, mlp_plan), jnp.stack([attn_branch, mlp_branch])
 
 
 class FinalLayer(nnx.Module):
@@ -243,11 +257,17 @@ class DiT(nnx.Module):
         merger: BlockMerger | None = None,
         merge_state: MergeState | None = None,
         block_stack: tuple[nnx.GraphDef, nnx.State] | None = None,
-    ) -> tuple[jax.Array, MergeState | None]:
-        """The forward pass with a token-merging strategy; returns the output and the new merge state.
+        cache: jax.Array | None = None,
+        cache_weight: float = 1.0,
+        return_branches: bool = False,
+    ):
+        """The forward pass with a token-merging strategy -> (output, new merge state), and with
+        `return_branches` also every block's gated attention/MLP outputs (depth, 2, B, N, D).
 
         block_stack: `self.stacked_blocks()`, to run the blocks as one `lax.scan` (same numbers,
         one compiled block); None runs them one after another.
+        cache (depth, 2, B, N, D), cache_weight: blend merged tokens' outputs with the branches
+        of the last full-resolution step (see DiTBlock).
         """
         cfg = self.config
         b, hgt, wid, _ = x.shape
@@ -259,56 +279,75 @@ class DiT(nnx.Module):
         c = self.t_embedder(jnp.broadcast_to(t, (b,))) + self.y_embedder(y)  # (B, D)
         every = getattr(merger, "plan_every", 1) if merger is not None else 1
         if block_stack is None:
-            plans = None
+            plans, branches = None, []
             for i, block in enumerate(self.blocks):
                 reuse = plans if i % every else None
-                tokens, merge_state, plans = block(tokens, c, merger, merge_state, cfg.grid, reuse)
+                tokens, merge_state, plans, block_branches = block(
+                    tokens, c, merger, merge_state, cfg.grid, reuse, None if cache is None else cache[i], cache_weight
+                )
+                branches.append(block_branches)
+            branches = jnp.stack(branches) if return_branches else None
         else:
-            tokens, merge_state = self._scan_blocks(tokens, c, merger, merge_state, block_stack, every)
-        out = self.final_layer(tokens, c)  # (B, T, p*p*C_out)
-        return self.unpatchify(out), merge_state
+            tokens, merge_state, branches = self._scan_blocks(
+                tokens, c, merger, merge_state, block_stack, every, cache, cache_weight, return_branches
+            )
+        out = self.unpatchify(self.final_layer(tokens, c))  # (B, H, W, C_out)
+        return (out, merge_state, branches) if return_branches else (out, merge_state)
 
-    def _scan_blocks(self, tokens, c, merger, merge_state, block_stack, every: int):
-        """The blocks as scans over their stacked parameters. With plan sharing (every > 1), an
-        outer scan over groups of `every` blocks: a group's first block builds the plans and an
-        inner scan runs the others with them; a last, shorter group (depth % every) likewise."""
+    def _scan_blocks(self, tokens, c, merger, merge_state, block_stack, every, cache, cache_weight, collect):
+        """The blocks as scans over their stacked parameters (and cache). With plan sharing
+        (every > 1), an outer scan over groups of `every` blocks: a group's first block builds
+        the plans and an inner scan runs the others with them; a last, shorter group
+        (depth % every) likewise. Returns (tokens, merge state, branches (depth, 2, B, N, D) when
+        `collect`, else None: the scans then carry no per-block outputs at all)."""
         graphdef, stacked = block_stack
         grid = self.config.grid
+        layers = (stacked, cache)  # scanned together; cache None scans as nothing
 
-        def run(block_state, tokens, merge_state, plans=None):
-            return nnx.merge(graphdef, block_state)(tokens, c, merger, merge_state, grid, plans)
+        def run(layer, tokens, merge_state, plans=None):
+            block_state, block_cache = layer
+            block = nnx.merge(graphdef, block_state)
+            return block(tokens, c, merger, merge_state, grid, plans, block_cache, cache_weight)
 
         if every == 1:
-            def one_block(carry, block_state):
-                tokens, merge_state, _ = run(block_state, *carry)
-                return (tokens, merge_state), None
+            def one_block(carry, layer):
+                tokens, merge_state, _, branches = run(layer, *carry)
+                return (tokens, merge_state), branches if collect else None
 
-            return jax.lax.scan(one_block, (tokens, merge_state), stacked)[0]
+            (tokens, merge_state), branches = jax.lax.scan(one_block, (tokens, merge_state), layers)
+            return tokens, merge_state, branches
 
-        def one_group(carry, group):  # group: (first block's params, the others' stacked)
+        def one_group(carry, group):  # group: (first layer, the others stacked)
             tokens, merge_state = carry
             first, others = group
-            tokens, merge_state, plans = run(first, tokens, merge_state)
+            tokens, merge_state, plans, first_branches = run(first, tokens, merge_state)
 
-            def reuse(tokens, block_state):
-                return run(block_state, tokens, None, plans)[0], None
+            def reuse(tokens, layer):
+                tokens, _, _, branches = run(layer, tokens, None, plans)
+                return tokens, branches if collect else None
 
-            tokens = jax.lax.scan(reuse, tokens, others)[0]
-            return (tokens, merge_state), None
+            tokens, other_branches = jax.lax.scan(reuse, tokens, others)
+            if not collect:
+                return (tokens, merge_state), None
+            return (tokens, merge_state), jnp.concatenate([first_branches[None], other_branches])
 
         depth = self.config.depth
         full = depth // every * every
-        carry = (tokens, merge_state)
+        carry, branches = (tokens, merge_state), []
         if full:
             # Split outside the scan so the loop body slices nothing (a slice would copy weights).
-            grouped = jax.tree.map(lambda a: a[:full].reshape(full // every, every, *a.shape[1:]), stacked)
+            grouped = jax.tree.map(lambda a: a[:full].reshape(full // every, every, *a.shape[1:]), layers)
             firsts = jax.tree.map(lambda a: a[:, 0], grouped)
             others = jax.tree.map(lambda a: a[:, 1:], grouped)
-            carry = jax.lax.scan(one_group, carry, (firsts, others))[0]
+            carry, group_branches = jax.lax.scan(one_group, carry, (firsts, others))
+            if collect:
+                branches.append(group_branches.reshape(full, *group_branches.shape[2:]))
         if full < depth:
-            tail = jax.tree.map(lambda a: a[full:], stacked)
-            carry = one_group(carry, (jax.tree.map(lambda a: a[0], tail), jax.tree.map(lambda a: a[1:], tail)))[0]
-        return carry
+            tail = jax.tree.map(lambda a: a[full:], layers)
+            carry, tail_branches = one_group(carry, (jax.tree.map(lambda a: a[0], tail), jax.tree.map(lambda a: a[1:], tail)))
+            if collect:
+                branches.append(tail_branches)
+        return (*carry, jnp.concatenate(branches) if collect else None)
 
     def unpatchify(self, x: jax.Array) -> jax.Array:
         """(B, T, p*p*C) -> (B, H, W, C); each token's vector is laid out (p, p, C) like DiT's."""
