@@ -1,0 +1,998 @@
+"""Quality harness: what SDTM and ToMe cost in sample quality at the speed they give.
+
+    python -m dit_jax.evaluate                                   # every preset, 50 samples each (~15-20 min, 2 CPU cores)
+    python -m dit_jax.evaluate --num-samples 200 --configs baseline sdtm "sdtm:ratio=0.2,deviation=0.05"
+
+On the embedded default model (a pixel-space class-conditional DiT trained on Fashion-MNIST), each
+configuration samples the same prompts (balanced over the 10 classes) from the same initial noise
+(one seed per batch, shared by every configuration). Speed: every configuration is compiled first
+(compile time apart), then all of them generate batch after batch in turn (baseline and variants
+interleaved) and the median time of their calls of the same compiled sampler gives the speed-up.
+Quality, against a balanced subset of the Fashion-MNIST test set:
+
+- prompt adherence: the share of samples the shipped classifier (dit_jax.classifier) puts in the
+  class they were prompted with;
+- FD-classifier: Frechet distance in that classifier's 128-d penultimate features;
+- FD-EffLite0: Frechet distance in ImageNet EfficientNet-Lite0 features (dit_jax.effnet; 1280-d,
+  images upsampled to 224 px). It is not FID: another network, other features, other numbers;
+- KID next to each FD (unbiased polynomial-kernel MMD^2, x 10^3): FD is biased upwards at small
+  sample counts, KID is not, so KID is the one to compare across sample counts.
+
+A "test images" row scores N real test images (disjoint from the reference subset) the same way:
+the floor every metric has at this sample count.
+
+ToMe is run at the speed SDTM reaches: its merge ratio is searched (a few timed probes) until its
+measured speed-up is within 5% of `sdtm=True`'s.
+
+Configuration specs (--configs): a preset name (see PRESETS), or KIND[:key=value,...] with KIND
+"sdtm" (SDTMConfig fields) or "tome" (ToMeConfig fields; ratio=match takes the searched ratio),
+e.g. "sdtm:ratio=0.2,deviation=0.05,switch_step=1.0", "tome:ratio=match,merge_mlp=true".
+
+Not implemented (so not measured here): the official SDTM release's protected steps (the first and
+last steps left unmerged) and its cache blend of merged and unmerged outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+
+import sdtm as sdtm_lib
+from dit_jax import classifier as classifier_lib
+from dit_jax.data import CLASS_NAMES, load_fashion_mnist
+
+DEFAULT_OUT = Path("docs/quality.md")
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dit_jax" / "quality"
+SPEEDUP_TOLERANCE = 0.05  # ToMe's speed-up must land within 5% of SDTM's
+KID_FOLDS = 5  # the KID standard error comes from this many disjoint folds of the samples
+MISSING_FEATURES = (
+    "protected steps (the official release leaves the first and last steps unmerged)",
+    "cache blend (the release mixes merged outputs with cached unmerged ones)",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def _as_features(x: np.ndarray, name: str) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    if x.ndim != 2 or len(x) < 2:
+        raise ValueError(f"{name} must be (N >= 2, D) features, got shape {x.shape}")
+    return x
+
+
+def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean (D,), covariance (D, D)) in float64, covariance with the N-1 denominator."""
+    features = _as_features(features, "features")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+
+
+def frechet_distance_from_stats(mu_a, cov_a, mu_b, cov_b) -> float:
+    """||mu_a - mu_b||^2 + tr(cov_a + cov_b - 2 (cov_a cov_b)^(1/2)).
+
+    tr((cov_a cov_b)^(1/2)) is computed as the sum of square roots of the eigenvalues of the
+    symmetric PSD matrix cov_a^(1/2) cov_b cov_a^(1/2) (same eigenvalues as cov_a cov_b), which
+    stays real and stable when the covariances are singular (fewer samples than dimensions).
+    """
+    root_a = _psd_sqrt(np.asarray(cov_a, np.float64))
+    middle = root_a @ np.asarray(cov_b, np.float64) @ root_a
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0.0, None)).sum()
+    diff = np.asarray(mu_a, np.float64) - np.asarray(mu_b, np.float64)
+    return float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2.0 * trace_sqrt)
+
+
+def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (N_a, D) and (N_b, D)."""
+    return frechet_distance_from_stats(*feature_stats(features_a), *feature_stats(features_b))
+
+
+def polynomial_kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """KID's kernel (a . b / D + 1)^3 -> (N_a, N_b)."""
+    return (a @ b.T / a.shape[1] + 1.0) ** 3
+
+
+def _offdiagonal_mean(kernel: np.ndarray) -> float:
+    n = kernel.shape[0]
+    return float((kernel.sum() - np.trace(kernel)) / (n * (n - 1)))
+
+
+def mmd2_unbiased(features_a: np.ndarray, features_b: np.ndarray, *, kernel_bb_mean: float | None = None) -> float:
+    """Unbiased MMD^2 with the polynomial kernel (the kernel inception distance's estimator):
+    mean_{i!=j} k(a_i, a_j) + mean_{i!=j} k(b_i, b_j) - 2 mean k(a_i, b_j). Its expectation is 0
+    when both sets come from one distribution, at any sample count.
+
+    kernel_bb_mean: the b-b term if already known (the reference set is scored many times).
+    """
+    a = _as_features(features_a, "features_a")
+    b = _as_features(features_b, "features_b")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature sizes differ: {a.shape[1]} and {b.shape[1]}")
+    if kernel_bb_mean is None:
+        kernel_bb_mean = _offdiagonal_mean(polynomial_kernel(b, b))
+    return _offdiagonal_mean(polynomial_kernel(a, a)) + kernel_bb_mean - 2.0 * float(polynomial_kernel(a, b).mean())
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """A reference feature set with what every comparison against it reuses.
+
+    KID's cubic kernel depends on the feature scale ((x . y / D + 1)^3): both sets are divided by
+    the reference's root-mean-square feature value first, so x . y / D is O(1) in any feature
+    space (the classifier's ReLU features are ~4x larger than EfficientNet's, which would
+    otherwise blow the kernel up and the estimate's variance with it).
+    """
+
+    features: np.ndarray  # (N, D) float64
+    mean: np.ndarray  # (D,)
+    cov: np.ndarray  # (D, D)
+    cov_root: np.ndarray  # (D, D) symmetric square root of cov
+    kid_scale: float  # 1 / RMS of the reference features
+    kernel_mean: float  # off-diagonal mean of k(ref, ref) on scaled features
+
+    @classmethod
+    def of(cls, features: np.ndarray) -> Reference:
+        features = _as_features(features, "reference features")
+        mean, cov = feature_stats(features)
+        scale = 1.0 / max(float(np.sqrt(np.mean(features**2))), 1e-12)
+        kernel_mean = _offdiagonal_mean(polynomial_kernel(scale * features, scale * features))
+        return cls(features, mean, cov, _psd_sqrt(cov), scale, kernel_mean)
+
+    def frechet_distance(self, features: np.ndarray) -> float:
+        """FD of `features` (n, D) to the reference. With the reference's root R cached,
+        tr((C R^2)^(1/2)) = sum sqrt(eig(R C R)), and R C R = A^T A for A = (X - mean) R / sqrt(n-1),
+        whose non-zero eigenvalues are those of the smaller of A^T A and A A^T (n x n when n < D)."""
+        features = _as_features(features, "features")
+        n = len(features)
+        mean = features.mean(axis=0)
+        a = (features - mean) @ self.cov_root / math.sqrt(n - 1)  # (n, D)
+        gram = a @ a.T if n < a.shape[1] else a.T @ a
+        trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0.0, None)).sum()
+        trace_cov = float(np.sum((features - mean) ** 2) / (n - 1))
+        diff = mean - self.mean
+        return float(diff @ diff + trace_cov + np.trace(self.cov) - 2.0 * trace_sqrt)
+
+    def scores(self, features: np.ndarray) -> tuple[float, float, float]:
+        """(FD, KID, KID standard error) of `features` against this reference.
+
+        The standard error comes from KID_FOLDS disjoint folds of `features`, each scored against
+        the whole reference: std(folds) / sqrt(folds) (nan below 2 samples per fold).
+        """
+        features = _as_features(features, "features")
+        fd = self.frechet_distance(features)
+        ref, scaled = self.kid_scale * self.features, self.kid_scale * features
+        kid = mmd2_unbiased(scaled, ref, kernel_bb_mean=self.kernel_mean)
+        folds = np.array_split(scaled, KID_FOLDS)
+        if min(len(f) for f in folds) < 2:
+            return fd, kid, math.nan
+        fold_kids = [mmd2_unbiased(f, ref, kernel_bb_mean=self.kernel_mean) for f in folds]
+        return fd, kid, float(np.std(fold_kids, ddof=1) / math.sqrt(KID_FOLDS))
+
+
+# ---------------------------------------------------------------------------------------------
+# Configurations
+
+
+def _sweep(ratio: float) -> sdtm_lib.SDTMConfig:
+    # The defaults' schedule shape (deviation 0.4 x ratio: 0.5 +- 0.2) at a lower ratio.
+    return sdtm_lib.SDTMConfig(ratio=ratio, deviation=round(0.4 * ratio, 4))
+
+
+MATCH = "match"  # a ToMe ratio to be searched
+# name -> (method, what the row tests). method: False, an SDTMConfig, a ToMeConfig, or a dict of
+# ToMeConfig fields whose ratio is MATCH.
+PRESETS: dict[str, tuple[object, str]] = {
+    "baseline": (False, "no merging"),
+    "sdtm": (sdtm_lib.SDTMConfig(), "sdtm=True: the paper's defaults"),
+    "tome-matched": ({"ratio": MATCH}, "ToMe (attention only) at SDTM's measured speed-up"),
+    "tome-mlp-matched": ({"ratio": MATCH, "merge_mlp": True},
+                         "ToMe merging attention and MLP inputs, same ratio: is MLP merging the culprit?"),
+    "tome-mlp-r0.1": (sdtm_lib.ToMeConfig(ratio=0.1, merge_mlp=True), "how little MLP merging still hurts?"),
+    "tome-r0.75": (sdtm_lib.ToMeConfig(ratio=0.75), "ToMe's largest ratio with 2x2 windows: its fastest setting"),
+    "sdtm-no-freq": (sdtm_lib.SDTMConfig(frequency=None), "no frequency priority"),
+    "sdtm-no-cra": (sdtm_lib.SDTMConfig(deviation=0.0), "no ratio schedule (deviation 0)"),
+    "sdtm-ssm-only": (sdtm_lib.SDTMConfig(switch_step=1.0), "SSM at every step (no IDM)"),
+    "sdtm-idm-only": (sdtm_lib.SDTMConfig(switch_step=0), "IDM at every step (no SSM)"),
+    "sdtm-freq-merged": (sdtm_lib.SDTMConfig(frequency="merged"), 'frequency="merged" (the release\'s counter)'),
+    "sdtm-idm-freq-score": (sdtm_lib.SDTMConfig(idm_score="frequency"), 'idm_score="frequency" (the release\'s)'),
+    "sdtm-r0.1": (_sweep(0.1), "ratio 0.1 +- 0.04"),
+    "sdtm-r0.2": (_sweep(0.2), "ratio 0.2 +- 0.08"),
+    "sdtm-r0.3": (_sweep(0.3), "ratio 0.3 +- 0.12"),
+}
+DEFAULT_CONFIGS: tuple[str, ...] = tuple(PRESETS)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """One row of the table: a name, a merging method (as sample() takes it), what it tests."""
+
+    name: str
+    method: object  # False, SDTMConfig, ToMeConfig, or dict of ToMeConfig fields with ratio MATCH
+    note: str = ""
+
+    @property
+    def needs_match(self) -> bool:
+        return isinstance(self.method, dict)
+
+    def resolved(self, tome_ratio: float | None) -> EvalConfig:
+        """The same row with a searched ToMe ratio filled in."""
+        if not self.needs_match:
+            return self
+        if tome_ratio is None:
+            raise ValueError(f"{self.name}: no ToMe ratio was searched")
+        fields = dict(self.method, ratio=tome_ratio)
+        return dataclasses.replace(self, method=sdtm_lib.ToMeConfig(**fields))
+
+
+def _parse_value(text: str):
+    lowered = text.strip().lower()
+    if lowered in ("none", "null"):
+        return None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def parse_config(spec: str) -> EvalConfig:
+    """A preset name, or "sdtm[:key=value,...]" / "tome[:key=value,...]" -> EvalConfig.
+
+    Raises ValueError naming the bad part (unknown preset or field, invalid value).
+    """
+    spec = spec.strip()
+    if spec in PRESETS:
+        method, note = PRESETS[spec]
+        return EvalConfig(spec, method, note)
+    kind, _, rest = spec.partition(":")
+    if kind not in ("sdtm", "tome"):
+        raise ValueError(
+            f"unknown configuration {spec!r}: use a preset ({', '.join(PRESETS)}) or "
+            "sdtm:key=value,... / tome:key=value,..."
+        )
+    cls = sdtm_lib.SDTMConfig if kind == "sdtm" else sdtm_lib.ToMeConfig
+    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or key.strip() not in names:
+            raise ValueError(f"{spec!r}: {item!r} is not key=value with key one of {sorted(names)}")
+        fields[key.strip()] = _parse_value(value)
+    if "window" in fields and isinstance(fields["window"], int):
+        fields["window"] = (fields["window"], fields["window"])
+    if kind == "tome" and fields.get("ratio") == MATCH:
+        cls(**dict(fields, ratio=0.5))  # validate the other fields now
+        return EvalConfig(spec, fields, "ToMe at SDTM's measured speed-up")
+    try:
+        return EvalConfig(spec, cls(**fields), "")
+    except TypeError as e:
+        raise ValueError(f"{spec!r}: {e}") from None
+
+
+def parse_configs(specs: Sequence[str]) -> list[EvalConfig]:
+    """Specs -> configurations with the baseline first (added if missing); names must be unique."""
+    configs = [parse_config(s) for s in specs]
+    if not any(c.method is False for c in configs):
+        configs.insert(0, parse_config("baseline"))
+    baseline = next(c for c in configs if c.method is False)
+    configs = [baseline] + [c for c in configs if c is not baseline]
+    names = [c.name for c in configs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"configuration names repeat: {names}")
+    if any(c.needs_match for c in configs) and not any(c.method == sdtm_lib.SDTMConfig() for c in configs):
+        raise ValueError("a ToMe ratio of 'match' needs the sdtm row (the defaults) to match: add `sdtm` to --configs")
+    return configs
+
+
+def describe(method) -> str:
+    """A short readable form of a method for the table's definitions."""
+    if method is False:
+        return "no merging"
+    if isinstance(method, dict):
+        return f"ToMeConfig({', '.join(f'{k}={v!r}' for k, v in method.items())})"
+    default = type(method)()
+    changed = {f.name: getattr(method, f.name) for f in dataclasses.fields(method)
+               if getattr(method, f.name) != getattr(default, f.name)}
+    return f"{type(method).__name__}({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
+
+
+# ---------------------------------------------------------------------------------------------
+# ToMe ratio search
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    merge_count: int
+    speedup: float
+
+
+def match_merge_count(
+    target: float | Callable[[], float],
+    measure: Callable[[int], float],
+    *,
+    num_tokens: int,
+    max_count: int,
+    tolerance: float = SPEEDUP_TOLERANCE,
+    max_probes: int = 5,
+) -> tuple[int, list[Probe], bool]:
+    """Find the ToMe merge count whose measured speed-up is within `tolerance` of `target`.
+
+    target: the speed-up to reach, or a callable giving its latest estimate (read after every
+    probe). measure(merge_count) -> speed-up (one timed probe). The first probe merges half the
+    tokens; later ones interpolate linearly in 1/speed-up (time) between the two probes closest to
+    the target (attention-only merging saves time about in proportion to the tokens removed).
+
+    Returns (merge count, probes, reached): the probe closest to the target; reached is False
+    when none came within tolerance (e.g. ToMe's maximum ratio is slower than the target).
+    """
+    def goal() -> float:
+        value = float(target() if callable(target) else target)
+        if not value > 0:
+            raise ValueError(f"target speed-up {value} must be > 0")
+        return value
+
+    goal()
+    if max_count < 1:
+        raise ValueError(f"max_count {max_count} must be >= 1")
+    probes: list[Probe] = []
+
+    def miss(p: Probe, aim: float) -> float:
+        return abs(p.speedup / aim - 1.0)
+
+    count = min(max_count, num_tokens // 2)
+    for _ in range(max_probes):
+        probe = Probe(count, measure(count))
+        probes.append(probe)
+        aim = goal()
+        if miss(probe, aim) <= tolerance:
+            return probe.merge_count, probes, True
+        # time (1/speed-up) as a line through the two points nearest the target, (0, 1) included
+        points = sorted({(p.merge_count, 1.0 / p.speedup) for p in probes} | {(0, 1.0)},
+                        key=lambda q: abs(1.0 / q[1] - aim))[:2]
+        (m0, t0), (m1, t1) = points
+        slope = (t1 - t0) / (m1 - m0) if m1 != m0 else 0.0
+        if slope >= 0:  # more merging did not help: noise or overhead; step towards the target
+            guess = count + (num_tokens // 8) * (1 if probe.speedup < aim else -1)
+        else:
+            guess = m0 + (1.0 / aim - t0) / slope
+        next_count = int(min(max(round(guess), 1), max_count))
+        tried = {p.merge_count for p in probes}
+        if next_count in tried:
+            if next_count == max_count and probe.speedup < aim:
+                break  # the most ToMe can merge is still too slow
+            step = 1 if probe.speedup < aim else -1
+            while next_count in tried and 1 <= next_count + step <= max_count:
+                next_count += step
+            if next_count in tried:
+                break
+        count = next_count
+    aim = goal()
+    best = min(probes, key=lambda p: miss(p, aim))
+    return best.merge_count, probes, miss(best, aim) <= tolerance
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling and timing
+
+
+class TimedSampler:
+    """Compiled samplers per configuration, each run on batch after batch with the same prompts
+    and seeds; every call is timed and its images kept."""
+
+    def __init__(self, weights, num_samples: int, batch_size: int, steps: int, cfg_scale: float, seed: int, log):
+        from dit_jax.pipeline import prepare
+
+        if num_samples < 1 or batch_size < 1:
+            raise ValueError(f"num_samples {num_samples} and batch_size {batch_size} must be >= 1")
+        self._prepare = prepare
+        self.weights = weights
+        self.num_classes = weights.config.dit.num_classes
+        self.batch_size = batch_size
+        self.num_batches = -(-num_samples // batch_size)
+        self.num_samples = num_samples
+        # Balanced prompts: sample i is prompted with class i mod 10 (a batch of 10 holds each once).
+        self.labels = np.arange(self.num_batches * batch_size) % self.num_classes
+        self.steps, self.cfg_scale, self.seed = steps, cfg_scale, seed
+        self.log = log
+        self.compiled: dict[str, tuple] = {}  # name -> (compiled sampler, method, SamplingPlan)
+        self.compile_s: dict[str, float] = {}
+        self.times: dict[str, list[float]] = {}  # every timed call
+        self.round_times: dict[str, list[float]] = {}  # the calls of generate_rounds
+        self.images: dict[str, dict[int, np.ndarray]] = {}
+
+    def batch_args(self, method, index: int):
+        labels = [int(i) for i in self.labels[index * self.batch_size:(index + 1) * self.batch_size]]
+        return self._prepare(self.weights, labels, sdtm=method, steps=self.steps, cfg_scale=self.cfg_scale,
+                             seed=self.seed + index)
+
+    def compile(self, name: str, method) -> None:
+        from dit_jax.pipeline import _run
+
+        plan, args = self.batch_args(method, 0)
+        start = time.perf_counter()
+        compiled = _run.lower(*args, plan=plan).compile()
+        self.compile_s[name] = time.perf_counter() - start
+        self.compiled[name] = (compiled, method, plan)
+        self.times.setdefault(name, [])
+        self.images.setdefault(name, {})
+        phases = ", ".join(f"{p.strategy} {p.merge_count} x{p.num_steps}" for p in plan.phases)
+        self.log(f"  compiled {name}: {self.compile_s[name]:.1f}s [{phases}]")
+
+    def run(self, name: str, index: int, *, keep: bool = True) -> float:
+        """Generate batch `index` with configuration `name`; returns (and records) its time."""
+        compiled, method, _ = self.compiled[name]
+        _, args = self.batch_args(method, index)
+        jax.block_until_ready(args)
+        start = time.perf_counter()
+        out = jax.block_until_ready(compiled(*args))
+        elapsed = time.perf_counter() - start
+        self.times[name].append(elapsed)
+        if keep:
+            self.images[name][index] = np.asarray(out)
+        return elapsed
+
+    def generate_rounds(self, names: Sequence[str]) -> None:
+        """Round r runs every configuration on batch r, in turn: it generates the batch, or times
+        it again (discarding the images) when the ToMe search already made it. These calls, one
+        per configuration per round, are the ones the table's speed-ups come from."""
+        for index in range(self.num_batches):
+            for name in names:
+                elapsed = self.run(name, index, keep=index not in self.images[name])
+                self.round_times.setdefault(name, []).append(elapsed)
+            self.log(f"  round {index + 1}/{self.num_batches}: "
+                     + ", ".join(f"{n} {self.round_times[n][-1]:.1f}s" for n in names))
+
+    def round_median(self, name: str) -> float:
+        return statistics.median(self.round_times[name])
+
+    def samples(self, name: str) -> np.ndarray:
+        batches = self.images[name]
+        return np.concatenate([batches[i] for i in range(self.num_batches)])[: self.num_samples]
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.times[name])
+
+    def token_shares(self, name: str) -> tuple[float, float]:
+        """(attention, MLP) tokens processed, as a share of the baseline's, over all steps."""
+        from dit_jax.bench import phase_tokens
+
+        plan = self.compiled[name][2]
+        n = self.weights.config.dit.num_tokens
+        attn = mlp = 0
+        for phase in plan.phases:
+            a, m = phase_tokens(phase, n)
+            attn, mlp = attn + a * phase.num_steps, mlp + m * phase.num_steps
+        return attn / (n * self.steps), mlp / (n * self.steps)
+
+
+def search_tome(
+    sampler: TimedSampler, baseline: str, reference: str, log, calls_per_probe: int = 2
+) -> tuple[float, list[Probe], bool, float]:
+    """Time the baseline and SDTM (their first batches, kept), then probe ToMe ratios until its
+    speed-up is within 5% of SDTM's. Each probe is timed `calls_per_probe` times, each time right
+    after a call of the baseline and of SDTM on their next batch (kept: that work is not wasted);
+    its speed-up is the median baseline time of those rounds over its own median.
+    Returns (ratio, probes, reached, SDTM's speed-up over every round so far)."""
+    num_tokens = sampler.weights.config.dit.num_tokens
+    max_count = math.floor(num_tokens * (1 - 1 / 4))  # 2x2 windows keep one destination each
+    next_index = [0]
+
+    def pair_round() -> float:
+        index = next_index[0] % sampler.num_batches
+        next_index[0] += 1
+        t_base = sampler.run(baseline, index, keep=index not in sampler.images[baseline])
+        sampler.run(reference, index, keep=index not in sampler.images[reference])
+        return t_base
+
+    pair_round()
+    log(f"  SDTM speed-up after one round: {sampler.median(baseline) / sampler.median(reference):.3f}x")
+
+    def measure(count: int) -> float:
+        name = f"_probe_tome_{count}"
+        sampler.compile(name, sdtm_lib.ToMeConfig(ratio=count / num_tokens))
+        base_times, probe_times = [], []
+        for _ in range(calls_per_probe):
+            base_times.append(pair_round())
+            probe_times.append(sampler.run(name, 0, keep=False))
+        speedup = statistics.median(base_times) / statistics.median(probe_times)
+        log(f"  probe ToMe ratio {count / num_tokens:.4f} ({count} tokens): {speedup:.3f}x "
+            f"(SDTM {sampler.median(baseline) / sampler.median(reference):.3f}x)")
+        return speedup
+
+    # The target is re-read after every probe: each probe round times SDTM again.
+    count, probes, reached = match_merge_count(
+        lambda: sampler.median(baseline) / sampler.median(reference), measure,
+        num_tokens=num_tokens, max_count=max_count,
+    )
+    for name in [n for n in sampler.compiled if n.startswith("_probe_tome_")]:
+        del sampler.compiled[name]  # free the probes' programs
+    return count / num_tokens, probes, reached, sampler.median(baseline) / sampler.median(reference)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference data and features
+
+
+def balanced_indices(labels: np.ndarray, per_class: int, skip_per_class: int = 0) -> np.ndarray:
+    """The first `per_class` images of every class after skipping `skip_per_class` of each,
+    interleaved by class (i-th image of class 0, of class 1, ...)."""
+    columns = []
+    for c in range(len(CLASS_NAMES)):
+        found = np.flatnonzero(labels == c)[skip_per_class:skip_per_class + per_class]
+        if len(found) < per_class:
+            raise ValueError(f"class {c} has {len(found) + skip_per_class} test images, need {per_class + skip_per_class}")
+        columns.append(found)
+    return np.stack(columns, axis=1).reshape(-1)
+
+
+class EffLiteScorer:
+    """EfficientNet-Lite0 features with a disk cache for the (fixed) reference set."""
+
+    def __init__(self, image_size: int, cache_dir: Path | None, log):
+        from dit_jax import effnet
+
+        self.effnet = effnet
+        self.path = effnet.default_weights_path()
+        self.params = effnet.load_efflite0(str(self.path))
+        self.image_size = image_size
+        self.cache_dir = cache_dir
+        self.log = log
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        return self.effnet.efflite0_features(self.params, images, image_size=self.image_size)
+
+    def reference_features(self, images: np.ndarray) -> np.ndarray:
+        key = hashlib.sha256(images.tobytes()).hexdigest()[:16]
+        stat = self.path.stat()
+        name = f"efflite0-{self.image_size}px-{len(images)}-{key}-{stat.st_size}.npy"
+        cached = None if self.cache_dir is None else self.cache_dir / name
+        if cached is not None and cached.is_file():
+            return np.load(cached)
+        start = time.perf_counter()
+        features = self.features(images)
+        self.log(f"  EfficientNet-Lite0 features of {len(images)} reference images: {time.perf_counter() - start:.0f}s")
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            np.save(cached, features)
+        return features
+
+
+# ---------------------------------------------------------------------------------------------
+# Results, the table, the plot
+
+
+@dataclasses.dataclass
+class Row:
+    name: str
+    note: str
+    definition: str
+    samples: int
+    speedup: float | None
+    seconds_per_image: float | None
+    compile_s: float | None
+    attn_share: float | None
+    mlp_share: float | None
+    adherence: float
+    fd_classifier: float
+    kid_classifier: tuple[float, float]
+    fd_efflite: float | None = None
+    kid_efflite: tuple[float, float] | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def _fmt_kid(kid: tuple[float, float] | None) -> str:
+    if kid is None:
+        return "–"
+    mean, se = kid
+    text = f"{1e3 * mean:.2f}"
+    return text if math.isnan(se) else f"{text} ± {1e3 * se:.2f}"
+
+
+def keeps_quality(row: Row, base: Row, real: Row | None) -> bool:
+    """The table's rule of thumb: adherence within 3 points of the baseline's and FD-classifier no
+    more than the baseline's plus half the gap between the baseline and the real-data floor (or
+    1.25x the baseline's without a floor)."""
+    if row.adherence < base.adherence - 0.03:
+        return False
+    slack = 0.5 * max(base.fd_classifier - real.fd_classifier, 0.0) if real else 0.25 * base.fd_classifier
+    return row.fd_classifier <= base.fd_classifier + slack
+
+
+def summary_lines(rows: list[Row]) -> list[str]:
+    """Which merged rows keep quality by the rule of thumb, fastest first (generated, not judged)."""
+    base = rows[0]
+    real = next((r for r in rows if r.speedup is None), None)
+    merged = sorted((r for r in rows[1:] if r.speedup is not None), key=lambda r: -r.speedup)
+    kept = [r for r in merged if keeps_quality(r, base, real)]
+    lost = [r for r in merged if not keeps_quality(r, base, real)]
+
+    def names(group: list[Row]) -> str:
+        return ", ".join(f"{r.name} ({r.speedup:.2f}x, {100 * r.adherence:.0f}%)" for r in group) or "none"
+
+    return ["", f"Keep quality, fastest first (speed-up, adherence): {names(kept)}.",
+            "", f"Lose quality: {names(lost)}."]
+
+
+def markdown_report(rows: list[Row], context: dict) -> str:
+    base = rows[0]
+    real = next((r for r in rows if r.speedup is None), None)
+    has_eff = any(r.fd_efflite is not None for r in rows)
+    lines = [
+        "# Quality against measured speed-up: SDTM and ToMe on the shipped Fashion-MNIST DiT",
+        "",
+        f"Made by `{context['command']}` on {context['date']} ({context['machine']}).",
+        "",
+        f"Model: the embedded default DiT ({context['model']}); {context['steps']} DDIM steps, guidance "
+        f"{context['cfg_scale']}, {context['num_samples']} samples per configuration (prompts balanced over the "
+        f"10 classes, batch {context['batch_size']}, batch i seeded {context['seed']}+i in every configuration, so all "
+        f"rows start from the same noise). Speed-up: the baseline's median time over each configuration's median, "
+        f"{context['repeats']} timed calls each of the same compiled sampler (compile time apart), one per round, "
+        "every configuration in every round. Reference: "
+        f"{context['reference_size']} Fashion-MNIST test images (balanced).",
+        "",
+        f"Judges: the shipped classifier (`dit_jax/assets/fashion-classifier`, test accuracy "
+        f"{context['classifier_accuracy']}); FD-classifier in its 128-d penultimate features; "
+        + (f"FD-EffLite0 in ImageNet EfficientNet-Lite0 features (1280-d, images upsampled to "
+           f"{context['efflite_size']} px; not FID). " if has_eff else "FD-EffLite0 not computed (--skip-efflite). ")
+        + "KID x 10^3 (unbiased polynomial-kernel MMD^2 on features divided by the reference's RMS value, "
+        "± standard error over 5 folds of the samples): unlike FD it is not biased by the sample count.",
+        "",
+        "| config | speed-up | s / image | attn / MLP tokens | adherence | FD-classifier | KID-classifier x10^3 "
+        "| FD-EffLite0 | KID-EffLite0 x10^3 | samples | keeps quality |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        tokens = "–" if row.attn_share is None else f"{100 * row.attn_share:.0f}% / {100 * row.mlp_share:.0f}%"
+        keep = "" if row is base or row is real else ("yes" if keeps_quality(row, base, real) else "no")
+        speed = "–" if row.speedup is None else f"{row.speedup:.2f}x"
+        lines.append(
+            f"| {row.name} | {speed} | {_fmt(row.seconds_per_image, 3)} | {tokens} | {100 * row.adherence:.1f}% "
+            f"| {_fmt(row.fd_classifier)} | {_fmt_kid(row.kid_classifier)} | {_fmt(row.fd_efflite)} "
+            f"| {_fmt_kid(row.kid_efflite)} | {row.samples} | {keep} |"
+        )
+    lines += [
+        "",
+        "\"keeps quality\": adherence within 3 points of the baseline's and FD-classifier at most the baseline's "
+        "plus half its gap to the test-image floor (a rule of thumb for reading the table, not a test). "
+        "At small sample counts compare KID (± its standard error) rather than FD.",
+        "",
+        *summary_lines(rows),
+        "",
+        "![quality against speed-up](" + context["png_name"] + ")",
+        "",
+        "## Configurations",
+        "",
+    ]
+    for row in rows:
+        note = f" — {row.note}" if row.note and row.note != row.definition else ""
+        lines.append(f"- **{row.name}**: {row.definition}{note}")
+    search = context.get("tome_search")
+    if search:
+        lines += ["", "## ToMe ratio search", "",
+                  f"Target: `sdtm=True`'s speed-up, {search['target']:.3f}x (during the search). Probes (ratio: "
+                  "speed-up, one timed call each against the baseline's call of the same round):", ""]
+        lines += [f"- {p['ratio']:.4f}: {p['speedup']:.3f}x" for p in search["probes"]]
+        verdict = (f"chosen ratio {search['ratio']:.4f}" + ("" if search["reached"] else
+                   f" (closest; no probe came within {100 * SPEEDUP_TOLERANCE:.0f}% — ToMe merges at most 75% of "
+                   "the attention tokens with 2x2 windows and nothing of the MLP, so it may not reach SDTM's speed)"))
+        lines += ["", verdict + "."]
+    lines += ["", "## Not implemented (not measured)", ""]
+    lines += [f"- SDTM {feature}" for feature in MISSING_FEATURES]
+    lines += ["", f"Compile seconds: " + ", ".join(f"{r.name} {r.compile_s:.1f}" for r in rows if r.compile_s is not None)]
+    return "\n".join(lines) + "\n"
+
+
+_FAMILY_COLOURS = {"baseline": (0, 0, 0), "sdtm": (200, 40, 40), "tome": (30, 90, 200), "real": (20, 140, 60)}
+
+
+def _family(name: str) -> str:
+    if name == "baseline":
+        return "baseline"
+    if name.startswith("tome"):
+        return "tome"
+    if name == "test images":
+        return "real"
+    return "sdtm"
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType sizes
+        return ImageFont.load_default()
+
+
+def draw_panel(rows: list[Row], metric: str, title: str, size=(460, 340)):
+    """One scatter plot: `metric` of each row against its speed-up; the real-data row as a
+    dashed horizontal line."""
+    from PIL import Image, ImageDraw
+
+    width, height = size
+    left, right, top, bottom = 60, 20, 30, 45
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    font, small = _font(13), _font(10)
+    points = [(r.speedup, getattr(r, metric), r) for r in rows if r.speedup is not None and getattr(r, metric) is not None]
+    floor = next((getattr(r, metric) for r in rows if r.speedup is None and getattr(r, metric) is not None), None)
+    draw.text((left, 8), title, fill="black", font=font)
+    if not points:
+        return image
+    xs = [p[0] for p in points]
+    ys = [p[1] for p in points] + ([floor] if floor is not None else [])
+    x_lo, x_hi = min(xs + [1.0]), max(xs + [1.0])
+    y_lo, y_hi = min(ys + [0.0]), max(ys)
+    x_pad, y_pad = max(0.05, 0.08 * (x_hi - x_lo)), max(1e-9, 0.08 * (y_hi - y_lo))
+    x_lo, x_hi, y_lo, y_hi = x_lo - x_pad, x_hi + x_pad, y_lo, y_hi + y_pad
+
+    def to_px(x, y):
+        return (left + (x - x_lo) / (x_hi - x_lo) * (width - left - right),
+                height - bottom - (y - y_lo) / (y_hi - y_lo) * (height - top - bottom))
+
+    draw.line([(left, top), (left, height - bottom), (width - right, height - bottom)], fill="black")
+    for i in range(5):  # ticks
+        xv = x_lo + (x_hi - x_lo) * i / 4
+        yv = y_lo + (y_hi - y_lo) * i / 4
+        px, _ = to_px(xv, y_lo)
+        _, py = to_px(x_lo, yv)
+        draw.line([(px, height - bottom), (px, height - bottom + 4)], fill="black")
+        draw.text((px - 12, height - bottom + 6), f"{xv:.2f}", fill="black", font=small)
+        draw.line([(left - 4, py), (left, py)], fill="black")
+        draw.text((4, py - 6), f"{yv:.3g}", fill="black", font=small)
+    draw.text(((width - left) // 2 + 10, height - 16), "measured speed-up (x)", fill="black", font=small)
+    if floor is not None:
+        _, py = to_px(x_lo, floor)
+        for x0 in range(left, width - right, 10):
+            draw.line([(x0, py), (min(x0 + 5, width - right), py)], fill=_FAMILY_COLOURS["real"])
+        draw.text((width - right - 70, py - 13), "test images", fill=_FAMILY_COLOURS["real"], font=small)
+    taken: list[tuple[float, float, float, float]] = []  # label boxes drawn so far
+    for x, y, row in sorted(points, key=lambda p: (p[0], -p[1])):
+        px, py = to_px(x, y)
+        colour = _FAMILY_COLOURS[_family(row.name)]
+        draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=colour)
+        tx, ty = px + 6, py - 6
+        text_w = draw.textlength(row.name, font=small)
+        if tx + text_w > width - 2:  # no room on the right: label to the left of the point
+            tx = px - 6 - text_w
+        box = (tx, ty, tx + text_w, ty + 11)
+        while any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in taken):
+            ty += 11  # step down past labels already drawn there
+            box = (tx, ty, tx + text_w, ty + 11)
+        taken.append(box)
+        draw.text((tx, ty), row.name, fill=colour, font=small)
+    return image
+
+
+def sample_strip(rows_images: list[tuple[str, np.ndarray]], per_row: int = 10, scale: int = 2):
+    """One row of the first `per_row` samples (one per class) per configuration, labelled."""
+    from PIL import Image, ImageDraw
+
+    label_w, gap = 150, 2
+    side = 32 * scale
+    image = Image.new("RGB", (label_w + per_row * (side + gap), len(rows_images) * (side + gap) + 20), "white")
+    draw = ImageDraw.Draw(image)
+    font = _font(12)
+    for i, name in enumerate(CLASS_NAMES[:per_row]):
+        draw.text((label_w + i * (side + gap), 3), name[:11], fill="black", font=_font(10))
+    for r, (name, images) in enumerate(rows_images):
+        y = 20 + r * (side + gap)
+        draw.text((4, y + side // 2 - 7), name, fill=_FAMILY_COLOURS[_family(name)], font=font)
+        for i, img in enumerate(images[:per_row]):
+            tile = Image.fromarray(img[..., 0]).resize((side, side), Image.NEAREST).convert("RGB")
+            image.paste(tile, (label_w + i * (side + gap), y))
+    return image
+
+
+def quality_figure(rows: list[Row], samples: list[tuple[str, np.ndarray]]):
+    """The PNG: adherence / FD-classifier / FD-EffLite0 against speed-up, then a strip of samples."""
+    from PIL import Image
+
+    panels = [draw_panel(rows, "adherence", "prompt adherence (share) vs speed-up"),
+              draw_panel(rows, "fd_classifier", "FD-classifier vs speed-up (lower is better)")]
+    if any(r.fd_efflite is not None for r in rows):
+        panels.append(draw_panel(rows, "fd_efflite", "FD-EffLite0 vs speed-up (lower is better)"))
+    strip = sample_strip(samples)
+    width = max(sum(p.width for p in panels), strip.width)
+    figure = Image.new("RGB", (width, panels[0].height + strip.height + 10), "white")
+    x = 0
+    for p in panels:
+        figure.paste(p, (x, 0))
+        x += p.width
+    figure.paste(strip, (0, panels[0].height + 10))
+    return figure
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def evaluate(args: argparse.Namespace, command: str, log=print) -> list[Row]:
+    """Everything `main` does after parsing: returns the rows and writes the table and the plot."""
+    from dit_jax.weights import load
+
+    configs = parse_configs(args.configs)
+    if args.reference_size % 10 or args.reference_size < 20:
+        raise ValueError(f"--reference-size {args.reference_size} must be a multiple of 10, at least 20")
+    if args.reference_size + args.num_samples > 10_000:
+        raise ValueError("--reference-size + --num-samples must fit in the 10,000 test images (the real-image row "
+                         "uses test images the reference does not)")
+    weights = load(args.weights)
+    if weights.config.class_names is None or tuple(weights.config.class_names) != CLASS_NAMES:
+        raise ValueError("the quality harness scores Fashion-MNIST models: these weights have other classes")
+    judge = classifier_lib.load_classifier(args.classifier)
+    judge_info = classifier_lib.bundle_info(args.classifier)
+    test_images, test_labels = load_fashion_mnist("test", args.data_root)
+    ref_idx = balanced_indices(test_labels, args.reference_size // 10)
+    real_per_class = -(-args.num_samples // 10)
+    real_idx = balanced_indices(test_labels, real_per_class, skip_per_class=args.reference_size // 10)[: args.num_samples]
+    eff = None
+    if not args.skip_efflite:
+        eff = EffLiteScorer(args.efflite_size, None if args.no_cache else Path(args.cache_dir), log)
+
+    log(f"reference: {len(ref_idx)} test images; scoring with the classifier"
+        + ("" if eff is None else f" and EfficientNet-Lite0 at {args.efflite_size} px"))
+    _, ref_clf = classifier_lib.classify(judge, test_images[ref_idx])
+    ref_clf = Reference.of(ref_clf)
+    ref_eff = None if eff is None else Reference.of(eff.reference_features(test_images[ref_idx]))
+
+    sampler = TimedSampler(weights, args.num_samples, args.batch_size, args.steps, args.cfg, args.seed, log)
+    log(f"compiling {len(configs)} configurations ({args.steps} steps, batch {args.batch_size})")
+    search = None
+    tome_ratio = None
+    ready = [c for c in configs if not c.needs_match]
+    for c in ready:
+        sampler.compile(c.name, c.method)
+    if any(c.needs_match for c in configs):
+        reference_name = next(c.name for c in configs if c.method == sdtm_lib.SDTMConfig())
+        log("searching ToMe's ratio for SDTM's speed-up")
+        tome_ratio, probes, reached, target = search_tome(sampler, configs[0].name, reference_name, log)
+        search = {"ratio": tome_ratio, "reached": reached, "target": target,
+                  "probes": [{"ratio": p.merge_count / weights.config.dit.num_tokens, "speedup": p.speedup} for p in probes]}
+        configs = [c.resolved(tome_ratio) for c in configs]
+        for c in configs:
+            if c.name not in sampler.compiled:
+                sampler.compile(c.name, c.method)
+    log(f"generating {args.num_samples} samples per configuration: {sampler.num_batches} rounds of every configuration")
+    sampler.generate_rounds([c.name for c in configs])
+
+    rows: list[Row] = []
+    strips = []
+    base_median = sampler.round_median(configs[0].name)
+
+    def score(images: np.ndarray, labels: np.ndarray) -> dict:
+        logits, feats = classifier_lib.classify(judge, images)
+        fd, kid, se = ref_clf.scores(feats)
+        out = {"adherence": float((logits.argmax(-1) == labels).mean()), "fd_classifier": fd, "kid_classifier": (kid, se)}
+        if eff is not None:
+            fd_e, kid_e, se_e = ref_eff.scores(eff.features(images))
+            out.update(fd_efflite=fd_e, kid_efflite=(kid_e, se_e))
+        return out
+
+    log("scoring")
+    prompts = sampler.labels[: args.num_samples]
+    for c in configs:
+        images = sampler.samples(c.name)
+        attn, mlp = sampler.token_shares(c.name)
+        median = sampler.round_median(c.name)
+        rows.append(Row(
+            name=c.name, note=c.note, definition=describe(c.method), samples=len(images),
+            speedup=base_median / median, seconds_per_image=median / args.batch_size,
+            compile_s=sampler.compile_s[c.name], attn_share=attn, mlp_share=mlp, **score(images, prompts),
+        ))
+        strips.append((c.name, images))
+        log(f"  {c.name}: {rows[-1].speedup:.2f}x, adherence {rows[-1].adherence:.3f}, "
+            f"FD-classifier {rows[-1].fd_classifier:.2f}"
+            + ("" if eff is None else f", FD-EffLite0 {rows[-1].fd_efflite:.2f}"))
+    real_images = test_images[real_idx]
+    rows.append(Row(
+        name="test images", note="real images, disjoint from the reference: the floor at this sample count",
+        definition="Fashion-MNIST test set", samples=len(real_images), speedup=None, seconds_per_image=None,
+        compile_s=None, attn_share=None, mlp_share=None, **score(real_images, test_labels[real_idx]),
+    ))
+    strips.append(("test images", real_images))
+
+    out = Path(args.out)
+    png = out.with_suffix(".png")
+    device = jax.devices()[0]
+    context = {
+        "command": command,
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{device.platform}:{device.device_kind}, {os.cpu_count()} CPU cores, jax {jax.__version__}, "
+                   f"{platform.machine()}",
+        "model": f"DiT hidden {weights.config.dit.hidden_size}, depth {weights.config.dit.depth}, "
+                 f"{weights.config.dit.num_tokens} tokens" if args.weights is None else str(args.weights),
+        "steps": args.steps, "cfg_scale": args.cfg, "num_samples": args.num_samples, "batch_size": args.batch_size,
+        "seed": args.seed, "repeats": sampler.num_batches,
+        "reference_size": len(ref_idx), "classifier_accuracy": judge_info.get("test_accuracy", "unknown"),
+        "efflite_size": args.efflite_size, "png_name": png.name, "tome_search": search,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(markdown_report(rows, context))
+    quality_figure(rows, strips).save(png)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"context": context, "rows": [r.to_dict() for r in rows],
+                                               "round_times": sampler.round_times, "all_times": sampler.times},
+                                              indent=2, default=str) + "\n")
+    log(f"wrote {out} and {png}")
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m dit_jax.evaluate", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="presets: " + ", ".join(PRESETS))
+    ap.add_argument("--num-samples", type=int, default=50, help="samples per configuration (default 50)")
+    ap.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
+    ap.add_argument("--cfg", type=float, default=4.0, help="guidance scale (default 4.0)")
+    ap.add_argument("--batch-size", type=int, default=10, help="images per timed call (default 10)")
+    ap.add_argument("--seed", type=int, default=0, help="batch i uses seed SEED+i in every configuration")
+    ap.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), metavar="SPEC",
+                    help="presets or sdtm:key=value,... / tome:key=value,... (default: every preset)")
+    ap.add_argument("--out", default=str(DEFAULT_OUT), help="markdown table to write; the plot goes beside it (.png)")
+    ap.add_argument("--json", help="also write every number (and every timing) here")
+    ap.add_argument("--reference-size", type=int, default=2000, help="balanced test images to compare with")
+    ap.add_argument("--skip-efflite", action="store_true", help="leave out FD-EffLite0 (no weights package needed)")
+    ap.add_argument("--efflite-size", type=int, default=224, help="EfficientNet-Lite0 input side (default 224)")
+    ap.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="where reference features are cached")
+    ap.add_argument("--no-cache", action="store_true", help="do not read or write cached reference features")
+    ap.add_argument("--weights", help="DiT bundle (default: the shipped Fashion-MNIST model)")
+    ap.add_argument("--classifier", help="classifier bundle (default: the shipped one)")
+    ap.add_argument("--data-root", help="folder of the Fashion-MNIST idx files")
+    ap.add_argument("--compile-cache", metavar="DIR", help="JAX's persistent compilation cache directory")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = "python -m dit_jax.evaluate " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = command.strip()
+    start = time.perf_counter()
+    try:
+        if args.num_samples < 2 or args.steps < 1 or args.batch_size < 1:
+            raise ValueError("--num-samples must be >= 2, --steps and --batch-size >= 1")
+        if args.compile_cache:
+            from dit_jax.weights import use_compilation_cache
+
+            use_compilation_cache(args.compile_cache)
+        evaluate(args, command)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"total {time.perf_counter() - start:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
