@@ -3,6 +3,11 @@
     python -m dit_jax.bench sample --variant DiT-XL/2 --image-size 512 --batch 8 --dtype bfloat16 \
         --strategies baseline,sdtm,tome:0.5 --steps 20 --repeats 5
     python -m dit_jax.bench forward --variant DiT-XL/2 --image-size 256 --batch 2 --torch
+    python -m dit_jax.bench sample --variant PixArt-alpha-XL/2-512 --image-size 512 --batch 2 --steps 20
+
+Variants: DiT-{S,B,L,XL}/{2,4,8} and PixArt-{alpha,Sigma}-XL/2-{256,512,1024} (dit_jax.models.*.VARIANTS).
+PixArt runs on random T5 embeddings of its full text length (the text encoder runs once per
+prompt, outside the sampling loop, so it is not timed).
 
 Random weights (speed does not depend on their values). Every strategy is compiled first (compile
 time reported apart), then the strategies run interleaved, `repeats` rounds, and the table gives
@@ -29,10 +34,11 @@ import numpy as np
 from flax import nnx
 
 import sdtm as sdtm_lib
-from dit_jax.models.dit import DiT, DiTConfig, variant
+from dit_jax.models import dit as dit_models
+from dit_jax.models.dit import DiTConfig
 from dit_jax.nn.attention import attention_implementation
-from dit_jax.pipeline import _run, prepare
-from dit_jax.weights import BundleConfig, Weights, dit_module, use_compilation_cache
+from dit_jax.pipeline import FAMILY_DEFAULTS, _run, prepare
+from dit_jax.weights import BundleConfig, Weights, dit_module, model_class, use_compilation_cache
 
 MODES = ("sample", "forward", "merge")
 # Dense bf16 tensor-core peaks (vendor datasheets, SXM parts), for the share-of-peak column.
@@ -102,18 +108,55 @@ def parse_strategy(text: str):
     )
 
 
-def block_flops(cfg: DiTConfig, attn_tokens: int, mlp_tokens: int) -> float:
-    """Matmul + attention FLOPs of one block for one sample."""
+def _text_length(cfg) -> int:
+    """Text tokens a text-conditioned model's cross-attention reads (0 for class models)."""
+    return 0 if isinstance(cfg, DiTConfig) else cfg.max_text_length
+
+
+def block_flops(cfg, attn_tokens: int, mlp_tokens: int) -> float:
+    """Matmul + attention FLOPs of one block for one sample (with PixArt's cross-attention, whose
+    queries follow the self-attention's merged tokens)."""
     d = cfg.hidden_size
     hidden = int(d * cfg.mlp_ratio)
     attn = 2 * attn_tokens * d * 3 * d + 4 * attn_tokens * attn_tokens * d + 2 * attn_tokens * d * d
+    text = _text_length(cfg)
+    if text:
+        attn += 2 * attn_tokens * d * d + 2 * text * d * 2 * d + 4 * attn_tokens * text * d + 2 * attn_tokens * d * d
     return attn + 4 * mlp_tokens * d * hidden
 
 
-def forward_flops(cfg: DiTConfig, attn_tokens: int, mlp_tokens: int) -> float:
+def forward_flops(cfg, attn_tokens: int, mlp_tokens: int) -> float:
     n, d, p = cfg.num_tokens, cfg.hidden_size, cfg.patch_size
     ends = 2 * n * d * p * p * (cfg.in_channels + cfg.out_channels)
+    if _text_length(cfg):  # the caption projection
+        ends += 2 * cfg.max_text_length * (cfg.caption_channels * d + d * d)
     return cfg.depth * block_flops(cfg, attn_tokens, mlp_tokens) + ends
+
+
+def model_variant(name: str, **changes):
+    """A DiT or PixArt config by its variant name."""
+    if name.lower().startswith("pixart"):
+        from dit_jax.models import pixart
+
+        return pixart.variant(name, **changes)
+    return dit_models.variant(name, **changes)
+
+
+def random_condition(cfg, batch: int, seed: int = 0):
+    """Conditioning for `batch` rows: class ids for DiT; for PixArt random T5-like embeddings of the
+    full text length, every token valid (the cross-attention's cost does not depend on the mask)."""
+    if isinstance(cfg, DiTConfig):
+        return jnp.arange(batch) % cfg.num_classes
+    key = jax.random.key(seed)
+    cond = {
+        "text": 0.1 * jax.random.normal(key, (batch, cfg.max_text_length, cfg.caption_channels), jnp.float32),
+        "text_mask": jnp.ones((batch, cfg.max_text_length), jnp.int32),
+    }
+    if cfg.use_additional_conditions:
+        side = float(cfg.input_size * 8)
+        cond["resolution"] = jnp.full((batch, 2), side, jnp.float32)
+        cond["aspect_ratio"] = jnp.ones((batch, 1), jnp.float32)
+    return cond
 
 
 def phase_tokens(phase, num_tokens: int) -> tuple[int, int]:
@@ -128,18 +171,20 @@ def phase_tokens(phase, num_tokens: int) -> tuple[int, int]:
     return num_tokens - r, num_tokens - r  # SSM: attention and MLP
 
 
-def random_weights(cfg: DiTConfig, dtype, seed: int = 0) -> Weights:
-    """Random parameters made on the device in one compiled call (eager init is slow for XL)."""
+def random_weights(cfg, dtype, seed: int = 0) -> Weights:
+    """Random parameters (DiT or PixArt) made on the device in one compiled call (eager init is
+    slow for XL)."""
 
     @jax.jit
     def init():
-        model = DiT(cfg, rngs=nnx.Rngs(seed), dtype=dtype)
+        model = model_class(cfg)(cfg, rngs=nnx.Rngs(seed), dtype=dtype)
         params = nnx.to_pure_dict(nnx.state(model))
-        # The official init zeroes adaLN and the final layer: randomise them so nothing runs on zeros.
-        keys = iter(jax.random.split(jax.random.key(seed + 1), 4 * cfg.depth + 8))
-        for block in params["blocks"].values():
-            block["adaLN_modulation"]["kernel"] = 0.02 * jax.random.normal(
-                next(keys), block["adaLN_modulation"]["kernel"].shape, dtype)
+        if isinstance(cfg, DiTConfig):
+            # The official init zeroes adaLN: randomise it so the blocks do not run on zeros.
+            keys = iter(jax.random.split(jax.random.key(seed + 1), cfg.depth))
+            for block in params["blocks"].values():
+                block["adaLN_modulation"]["kernel"] = 0.02 * jax.random.normal(
+                    next(keys), block["adaLN_modulation"]["kernel"].shape, dtype)
         return params
 
     return Weights(dit=init(), config=BundleConfig(dit=cfg))
@@ -196,9 +241,13 @@ def build_sample_cases(weights: Weights, strategies: list[str], args) -> list[tu
         method = parse_strategy(text)
         if isinstance(method, tuple):
             raise ValueError(f"{text}: ssm/idm alone are forward-only strategies; use sdtm or tome for sample")
+        if isinstance(cfg, DiTConfig):
+            prompts, negative = [i % cfg.num_classes for i in range(args.batch)], ""
+        else:
+            prompts, negative = random_condition(cfg, args.batch), random_condition(cfg, 1, seed=1)
         plan, call_args = prepare(
-            weights, [i % cfg.num_classes for i in range(args.batch)], sdtm=method, sampler=args.sampler,
-            steps=args.steps, cfg_scale=args.cfg, output="latents",
+            weights, prompts, sdtm=method, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg,
+            output="latents", negative_prompt=negative,
         )
         plan = dataclasses.replace(plan, scan_blocks=not unrolled(text))
         start = time.perf_counter()
@@ -213,7 +262,7 @@ def build_sample_cases(weights: Weights, strategies: list[str], args) -> list[tu
             attn_share += a * phase.num_steps
             mlp_share += m * phase.num_steps
             flops += forward_flops(cfg, a, m) * phase.num_steps * model_batch
-        total = cfg.num_tokens * args.steps
+        total = cfg.num_tokens * plan.sampler.num_steps
         cases.append((text, lambda c=compiled, a=call_args: c(*a), compile_s, attn_share / total,
                       mlp_share / total, flops, _xla_flops(compiled)))
     return cases
@@ -224,7 +273,7 @@ def build_forward_cases(weights: Weights, strategies: list[str], args):
     n = cfg.num_tokens
     x = jax.random.normal(jax.random.key(0), (args.batch, cfg.input_size, cfg.input_size, cfg.in_channels), weights.dtype)
     t = jnp.full((args.batch,), 500)
-    y = jnp.arange(args.batch) % cfg.num_classes
+    y = random_condition(cfg, args.batch)
     # Blocks stacked once, outside the timed call, as the sampler does before its loop.
     graphdef = dit_module(weights).stacked_blocks()[0]
     stacked = jax.jit(lambda w: dit_module(w).stacked_blocks()[1])(weights)
@@ -347,16 +396,16 @@ def run_cases(cases, repeats: int, warmup: int = 1) -> list[Result]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dit_jax.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("mode", choices=MODES)
-    ap.add_argument("--variant", default="DiT-XL/2")
+    ap.add_argument("--variant", default="DiT-XL/2", help="DiT-XL/2, PixArt-alpha-XL/2-512, ... (see above)")
     ap.add_argument("--image-size", type=int, default=256, help="pixels (latent side = image size / 8)")
     ap.add_argument("--input-size", type=int, help="latent side directly (overrides --image-size)")
     ap.add_argument("--depth", type=int, help="override the variant's depth (tiny smoke runs)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--strategies", default="baseline,sdtm,tome:0.5")
-    ap.add_argument("--sampler", default="ddim")
+    ap.add_argument("--sampler", help="default: the family's (DiT ddim, PixArt dpm++)")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--cfg", type=float, default=4.0)
+    ap.add_argument("--cfg", type=float, help="guidance scale (default: the family's, DiT 4.0, PixArt 4.5)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--torch", action="store_true", help="forward mode: add diffusers' DiT on the same hardware")
     ap.add_argument("--compile-cache", metavar="DIR", help="persistent compilation cache folder (reused across runs)")
@@ -371,8 +420,11 @@ def main(argv: list[str] | None = None) -> int:
         changes = {"input_size": args.input_size or args.image_size // 8}
         if args.depth:
             changes["depth"] = args.depth
-        cfg = variant(args.variant, **changes)
+        cfg = model_variant(args.variant, **changes)
         cfg.validate()
+        defaults = FAMILY_DEFAULTS["dit" if isinstance(cfg, DiTConfig) else "pixart"]
+        args.sampler = args.sampler or defaults.sampler
+        args.cfg = defaults.cfg_scale if args.cfg is None else args.cfg
         strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
         if args.mode != "merge" and (not strategies or parse_strategy(strategies[0]) is not False):
             raise ValueError("--strategies must start with baseline (speed-ups are against it)")
@@ -382,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
             unrolled(s)
         if args.torch and args.mode != "forward":
             raise ValueError("--torch compares one forward pass: use it with the forward mode")
+        if args.torch and not isinstance(cfg, DiTConfig):
+            raise ValueError("--torch compares with diffusers' DiT: it takes DiT variants only")
         dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
         if args.compile_cache:
             use_compilation_cache(args.compile_cache)

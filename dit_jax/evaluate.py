@@ -22,14 +22,13 @@ A "test images" row scores N real test images (disjoint from the reference subse
 the floor every metric has at this sample count.
 
 ToMe is run at the speed SDTM reaches: its merge ratio is searched (a few timed probes) until its
-measured speed-up is within 5% of `sdtm=True`'s.
+measured speed-up is within 5% of the SDTM row it is matched with (`sdtm=True`, and the defaults
+with the official release's protected steps and cache blend).
 
 Configuration specs (--configs): a preset name (see PRESETS), or KIND[:key=value,...] with KIND
-"sdtm" (SDTMConfig fields) or "tome" (ToMeConfig fields; ratio=match takes the searched ratio),
-e.g. "sdtm:ratio=0.2,deviation=0.05,switch_step=1.0", "tome:ratio=match,merge_mlp=true".
-
-Not implemented (so not measured here): the official SDTM release's protected steps (the first and
-last steps left unmerged) and its cache blend of merged and unmerged outputs.
+"sdtm" (SDTMConfig fields) or "tome" (ToMeConfig fields; ratio=match searches the ratio, matched
+to the row named by target=NAME, default sdtm), e.g. "sdtm:ratio=0.2,deviation=0.05,switch_step=1.0",
+"sdtm:protect_every=3,cache_weight=0.1", "tome:ratio=match,target=sdtm-release".
 """
 
 from __future__ import annotations
@@ -60,10 +59,7 @@ DEFAULT_OUT = Path("docs/quality.md")
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dit_jax" / "quality"
 SPEEDUP_TOLERANCE = 0.05  # ToMe's speed-up must land within 5% of SDTM's
 KID_FOLDS = 5  # the KID standard error comes from this many disjoint folds of the samples
-MISSING_FEATURES = (
-    "protected steps (the official release leaves the first and last steps unmerged)",
-    "cache blend (the release mixes merged outputs with cached unmerged ones)",
-)
+PROBE_CALLS = 2  # timed calls per ToMe ratio probe
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,46 +189,33 @@ class Reference:
 # Configurations
 
 
-def _sweep(ratio: float) -> sdtm_lib.SDTMConfig:
-    # The defaults' schedule shape (deviation 0.4 x ratio: 0.5 +- 0.2) at a lower ratio.
-    return sdtm_lib.SDTMConfig(ratio=ratio, deviation=round(0.4 * ratio, 4))
+def _sweep(ratio: float, **extra) -> sdtm_lib.SDTMConfig:
+    # The defaults' schedule shape (deviation 0.4 x ratio: 0.5 +- 0.2) at another ratio.
+    return sdtm_lib.SDTMConfig(ratio=ratio, deviation=round(0.4 * ratio, 4), **extra)
 
 
+# The official release's extras as its sample.py sets them: a full-resolution step in three, and
+# merged tokens' outputs blended 0.1 : 0.9 with those steps' cached outputs.
+RELEASE_EXTRAS = {"protect_every": 3, "cache_weight": 0.1}
 MATCH = "match"  # a ToMe ratio to be searched
-# name -> (method, what the row tests). method: False, an SDTMConfig, a ToMeConfig, or a dict of
-# ToMeConfig fields whose ratio is MATCH.
-PRESETS: dict[str, tuple[object, str]] = {
-    "baseline": (False, "no merging"),
-    "sdtm": (sdtm_lib.SDTMConfig(), "sdtm=True: the paper's defaults"),
-    "tome-matched": ({"ratio": MATCH}, "ToMe (attention only) at SDTM's measured speed-up"),
-    "tome-mlp-matched": ({"ratio": MATCH, "merge_mlp": True},
-                         "ToMe merging attention and MLP inputs, same ratio: is MLP merging the culprit?"),
-    "tome-mlp-r0.1": (sdtm_lib.ToMeConfig(ratio=0.1, merge_mlp=True), "how little MLP merging still hurts?"),
-    "tome-r0.75": (sdtm_lib.ToMeConfig(ratio=0.75), "ToMe's largest ratio with 2x2 windows: its fastest setting"),
-    "sdtm-no-freq": (sdtm_lib.SDTMConfig(frequency=None), "no frequency priority"),
-    "sdtm-no-cra": (sdtm_lib.SDTMConfig(deviation=0.0), "no ratio schedule (deviation 0)"),
-    "sdtm-ssm-only": (sdtm_lib.SDTMConfig(switch_step=1.0), "SSM at every step (no IDM)"),
-    "sdtm-idm-only": (sdtm_lib.SDTMConfig(switch_step=0), "IDM at every step (no SSM)"),
-    "sdtm-freq-merged": (sdtm_lib.SDTMConfig(frequency="merged"), 'frequency="merged" (the release\'s counter)'),
-    "sdtm-idm-freq-score": (sdtm_lib.SDTMConfig(idm_score="frequency"), 'idm_score="frequency" (the release\'s)'),
-    "sdtm-r0.1": (_sweep(0.1), "ratio 0.1 +- 0.04"),
-    "sdtm-r0.2": (_sweep(0.2), "ratio 0.2 +- 0.08"),
-    "sdtm-r0.3": (_sweep(0.3), "ratio 0.3 +- 0.12"),
-}
-DEFAULT_CONFIGS: tuple[str, ...] = tuple(PRESETS)
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """One row of the table: a name, a merging method (as sample() takes it), what it tests."""
+    """One row of the table: a name, a merging method (as sample() takes it), what it tests.
+
+    A ToMe row whose ratio is searched has `method` = a dict of ToMeConfig fields with ratio
+    MATCH, and `match_target` = the name of the row whose measured speed-up it must reach.
+    """
 
     name: str
     method: object  # False, SDTMConfig, ToMeConfig, or dict of ToMeConfig fields with ratio MATCH
     note: str = ""
+    match_target: str | None = None
 
     @property
     def needs_match(self) -> bool:
-        return isinstance(self.method, dict)
+        return self.match_target is not None
 
     def resolved(self, tome_ratio: float | None) -> EvalConfig:
         """The same row with a searched ToMe ratio filled in."""
@@ -242,6 +225,38 @@ class EvalConfig:
             raise ValueError(f"{self.name}: no ToMe ratio was searched")
         fields = dict(self.method, ratio=tome_ratio)
         return dataclasses.replace(self, method=sdtm_lib.ToMeConfig(**fields))
+
+
+def _preset(name: str, method, note: str, match_target: str | None = None) -> tuple[str, EvalConfig]:
+    return name, EvalConfig(name, method, note, match_target)
+
+
+PRESETS: dict[str, EvalConfig] = dict([
+    _preset("baseline", False, "no merging"),
+    _preset("sdtm", sdtm_lib.SDTMConfig(), "sdtm=True: the paper's defaults"),
+    _preset("tome-matched", {"ratio": MATCH}, "ToMe (attention only) at sdtm's measured speed-up", "sdtm"),
+    _preset("tome-mlp-matched", {"ratio": MATCH, "merge_mlp": True},
+            "ToMe merging attention and MLP inputs at tome-matched's ratio: is MLP merging the culprit?", "sdtm"),
+    _preset("tome-mlp-r0.1", sdtm_lib.ToMeConfig(ratio=0.1, merge_mlp=True), "how little MLP merging still hurts?"),
+    _preset("tome-r0.75", sdtm_lib.ToMeConfig(ratio=0.75), "ToMe's largest ratio with 2x2 windows: its fastest setting"),
+    _preset("sdtm-release", sdtm_lib.SDTMConfig(**RELEASE_EXTRAS),
+            "the defaults plus the official release's protected steps (every 3rd) and cache blend (0.1)"),
+    _preset("tome-matched-release", {"ratio": MATCH}, "ToMe (attention only) at sdtm-release's measured speed-up",
+            "sdtm-release"),
+    _preset("sdtm-protect-only", sdtm_lib.SDTMConfig(protect_every=3),
+            "protected steps without the cache blend (cache_weight 1)"),
+    _preset("sdtm-release-r0.3", _sweep(0.3, **RELEASE_EXTRAS), "release extras at ratio 0.3 +- 0.12"),
+    _preset("sdtm-no-freq", sdtm_lib.SDTMConfig(frequency=None), "no frequency priority"),
+    _preset("sdtm-no-cra", sdtm_lib.SDTMConfig(deviation=0.0), "no ratio schedule (deviation 0)"),
+    _preset("sdtm-ssm-only", sdtm_lib.SDTMConfig(switch_step=1.0), "SSM at every step (no IDM)"),
+    _preset("sdtm-idm-only", sdtm_lib.SDTMConfig(switch_step=0), "IDM at every step (no SSM)"),
+    _preset("sdtm-freq-merged", sdtm_lib.SDTMConfig(frequency="merged"), 'frequency="merged" (the release\'s counter)'),
+    _preset("sdtm-idm-freq-score", sdtm_lib.SDTMConfig(idm_score="frequency"), 'idm_score="frequency" (the release\'s)'),
+    _preset("sdtm-r0.1", _sweep(0.1), "ratio 0.1 +- 0.04"),
+    _preset("sdtm-r0.2", _sweep(0.2), "ratio 0.2 +- 0.08"),
+    _preset("sdtm-r0.3", _sweep(0.3), "ratio 0.3 +- 0.12"),
+])
+DEFAULT_CONFIGS: tuple[str, ...] = tuple(PRESETS)
 
 
 def _parse_value(text: str):
@@ -261,12 +276,12 @@ def _parse_value(text: str):
 def parse_config(spec: str) -> EvalConfig:
     """A preset name, or "sdtm[:key=value,...]" / "tome[:key=value,...]" -> EvalConfig.
 
-    Raises ValueError naming the bad part (unknown preset or field, invalid value).
+    "tome:ratio=match" searches the ratio at which ToMe's speed-up meets the row named by
+    target=NAME (default: the sdtm row). Raises ValueError naming the bad part.
     """
     spec = spec.strip()
     if spec in PRESETS:
-        method, note = PRESETS[spec]
-        return EvalConfig(spec, method, note)
+        return PRESETS[spec]
     kind, _, rest = spec.partition(":")
     if kind not in ("sdtm", "tome"):
         raise ValueError(
@@ -274,18 +289,25 @@ def parse_config(spec: str) -> EvalConfig:
             "sdtm:key=value,... / tome:key=value,..."
         )
     cls = sdtm_lib.SDTMConfig if kind == "sdtm" else sdtm_lib.ToMeConfig
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)} | ({"target"} if kind == "tome" else set())
     fields = {}
     for item in filter(None, (part.strip() for part in rest.split(","))):
         key, eq, value = item.partition("=")
         if not eq or key.strip() not in names:
             raise ValueError(f"{spec!r}: {item!r} is not key=value with key one of {sorted(names)}")
-        fields[key.strip()] = _parse_value(value)
+        fields[key.strip()] = value.strip() if key.strip() == "target" else _parse_value(value)
     if "window" in fields and isinstance(fields["window"], int):
         fields["window"] = (fields["window"], fields["window"])
+    target = fields.pop("target", None)
     if kind == "tome" and fields.get("ratio") == MATCH:
-        cls(**dict(fields, ratio=0.5))  # validate the other fields now
-        return EvalConfig(spec, fields, "ToMe at SDTM's measured speed-up")
+        try:
+            cls(**dict(fields, ratio=0.5))  # validate the other fields now
+        except TypeError as e:
+            raise ValueError(f"{spec!r}: {e}") from None
+        target = target or "sdtm"
+        return EvalConfig(spec, fields, f"ToMe at {target}'s measured speed-up", target)
+    if target is not None:
+        raise ValueError(f"{spec!r}: target= goes with ratio=match only")
     try:
         return EvalConfig(spec, cls(**fields), "")
     except TypeError as e:
@@ -293,7 +315,8 @@ def parse_config(spec: str) -> EvalConfig:
 
 
 def parse_configs(specs: Sequence[str]) -> list[EvalConfig]:
-    """Specs -> configurations with the baseline first (added if missing); names must be unique."""
+    """Specs -> configurations with the baseline first (added if missing); names must be unique
+    and every searched ToMe row's target must be an SDTM row of the run."""
     configs = [parse_config(s) for s in specs]
     if not any(c.method is False for c in configs):
         configs.insert(0, parse_config("baseline"))
@@ -302,8 +325,13 @@ def parse_configs(specs: Sequence[str]) -> list[EvalConfig]:
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
         raise ValueError(f"configuration names repeat: {names}")
-    if any(c.needs_match for c in configs) and not any(c.method == sdtm_lib.SDTMConfig() for c in configs):
-        raise ValueError("a ToMe ratio of 'match' needs the sdtm row (the defaults) to match: add `sdtm` to --configs")
+    sdtm_rows = {c.name for c in configs if isinstance(c.method, sdtm_lib.SDTMConfig)}
+    for c in configs:
+        if c.needs_match and c.match_target not in sdtm_rows:
+            raise ValueError(
+                f"{c.name} matches the speed-up of {c.match_target!r}, which is not an SDTM row of this run: "
+                f"add `{c.match_target}` to --configs"
+            )
     return configs
 
 
@@ -481,10 +509,13 @@ class TimedSampler:
 
         plan = self.compiled[name][2]
         n = self.weights.config.dit.num_tokens
+        protect_every = getattr(plan, "protect_every", None)
         attn = mlp = 0
         for phase in plan.phases:
             a, m = phase_tokens(phase, n)
-            attn, mlp = attn + a * phase.num_steps, mlp + m * phase.num_steps
+            for step in range(phase.start, phase.stop):
+                protected = protect_every and step % protect_every == 0  # a full-resolution step
+                attn, mlp = attn + (n if protected else a), mlp + (n if protected else m)
         return attn / (n * self.steps), mlp / (n * self.steps)
 
 
@@ -620,13 +651,20 @@ def _fmt_kid(kid: tuple[float, float] | None) -> str:
 
 
 def keeps_quality(row: Row, base: Row, real: Row | None) -> bool:
-    """The table's rule of thumb: adherence within 3 points of the baseline's and FD-classifier no
-    more than the baseline's plus half the gap between the baseline and the real-data floor (or
-    1.25x the baseline's without a floor)."""
+    """The table's rule of thumb: adherence within 3 points of the baseline's, and each FD
+    (classifier, and EffLite0 when computed) at most the baseline's plus half the baseline's gap to
+    the real-image floor (plus 25% of the baseline's without a floor)."""
     if row.adherence < base.adherence - 0.03:
         return False
-    slack = 0.5 * max(base.fd_classifier - real.fd_classifier, 0.0) if real else 0.25 * base.fd_classifier
-    return row.fd_classifier <= base.fd_classifier + slack
+    for metric in ("fd_classifier", "fd_efflite"):
+        value, reference = getattr(row, metric), getattr(base, metric)
+        if value is None or reference is None:
+            continue
+        floor = None if real is None else getattr(real, metric)
+        slack = 0.25 * reference if floor is None else 0.5 * max(reference - floor, 0.0)
+        if value > reference + slack:
+            return False
+    return True
 
 
 def summary_lines(rows: list[Row]) -> list[str]:
@@ -640,7 +678,7 @@ def summary_lines(rows: list[Row]) -> list[str]:
     def names(group: list[Row]) -> str:
         return ", ".join(f"{r.name} ({r.speedup:.2f}x, {100 * r.adherence:.0f}%)" for r in group) or "none"
 
-    return ["", f"Keep quality, fastest first (speed-up, adherence): {names(kept)}.",
+    return [f"Keep quality, fastest first (speed-up, adherence): {names(kept)}.",
             "", f"Lose quality: {names(lost)}."]
 
 
@@ -683,8 +721,8 @@ def markdown_report(rows: list[Row], context: dict) -> str:
         )
     lines += [
         "",
-        "\"keeps quality\": adherence within 3 points of the baseline's and FD-classifier at most the baseline's "
-        "plus half its gap to the test-image floor (a rule of thumb for reading the table, not a test). "
+        "\"keeps quality\": adherence within 3 points of the baseline's, and each FD at most the baseline's plus "
+        "half the baseline's gap to the test-image floor (a rule of thumb for reading the table, not a test). "
         "At small sample counts compare KID (± its standard error) rather than FD.",
         "",
         *summary_lines(rows),
@@ -697,19 +735,17 @@ def markdown_report(rows: list[Row], context: dict) -> str:
     for row in rows:
         note = f" — {row.note}" if row.note and row.note != row.definition else ""
         lines.append(f"- **{row.name}**: {row.definition}{note}")
-    search = context.get("tome_search")
-    if search:
-        lines += ["", "## ToMe ratio search", "",
-                  f"Target: `sdtm=True`'s speed-up, {search['target']:.3f}x (during the search). Probes (ratio: "
-                  "speed-up, one timed call each against the baseline's call of the same round):", ""]
+    for target, search in (context.get("tome_searches") or {}).items():
+        lines += ["", f"## ToMe ratio search: {target}", "",
+                  f"Target: {target}'s speed-up, {search['target']:.3f}x (during the search). Probes (ratio: "
+                  f"speed-up, the median of {search.get('calls_per_probe', 2)} timed calls against the baseline's "
+                  "calls in the same rounds):", ""]
         lines += [f"- {p['ratio']:.4f}: {p['speedup']:.3f}x" for p in search["probes"]]
         verdict = (f"chosen ratio {search['ratio']:.4f}" + ("" if search["reached"] else
                    f" (closest; no probe came within {100 * SPEEDUP_TOLERANCE:.0f}% — ToMe merges at most 75% of "
                    "the attention tokens with 2x2 windows and nothing of the MLP, so it may not reach SDTM's speed)"))
         lines += ["", verdict + "."]
-    lines += ["", "## Not implemented (not measured)", ""]
-    lines += [f"- SDTM {feature}" for feature in MISSING_FEATURES]
-    lines += ["", f"Compile seconds: " + ", ".join(f"{r.name} {r.compile_s:.1f}" for r in rows if r.compile_s is not None)]
+    lines += ["", "Compile seconds: " + ", ".join(f"{r.name} {r.compile_s:.1f}" for r in rows if r.compile_s is not None)]
     return "\n".join(lines) + "\n"
 
 
@@ -869,21 +905,20 @@ def evaluate(args: argparse.Namespace, command: str, log=print) -> list[Row]:
 
     sampler = TimedSampler(weights, args.num_samples, args.batch_size, args.steps, args.cfg, args.seed, log)
     log(f"compiling {len(configs)} configurations ({args.steps} steps, batch {args.batch_size})")
-    search = None
-    tome_ratio = None
-    ready = [c for c in configs if not c.needs_match]
-    for c in ready:
-        sampler.compile(c.name, c.method)
-    if any(c.needs_match for c in configs):
-        reference_name = next(c.name for c in configs if c.method == sdtm_lib.SDTMConfig())
-        log("searching ToMe's ratio for SDTM's speed-up")
-        tome_ratio, probes, reached, target = search_tome(sampler, configs[0].name, reference_name, log)
-        search = {"ratio": tome_ratio, "reached": reached, "target": target,
-                  "probes": [{"ratio": p.merge_count / weights.config.dit.num_tokens, "speedup": p.speedup} for p in probes]}
-        configs = [c.resolved(tome_ratio) for c in configs]
-        for c in configs:
-            if c.name not in sampler.compiled:
-                sampler.compile(c.name, c.method)
+    searches: dict[str, dict] = {}  # target row -> its ToMe ratio search
+    for c in configs:
+        if not c.needs_match:
+            sampler.compile(c.name, c.method)
+    for target in dict.fromkeys(c.match_target for c in configs if c.needs_match):
+        log(f"searching ToMe's ratio for {target}'s speed-up")
+        ratio, probes, reached, speedup = search_tome(sampler, configs[0].name, target, log, PROBE_CALLS)
+        searches[target] = {"ratio": ratio, "reached": reached, "target": speedup, "calls_per_probe": PROBE_CALLS,
+                            "probes": [{"ratio": p.merge_count / weights.config.dit.num_tokens, "speedup": p.speedup}
+                                       for p in probes]}
+    configs = [c.resolved(searches[c.match_target]["ratio"]) if c.needs_match else c for c in configs]
+    for c in configs:
+        if c.name not in sampler.compiled:
+            sampler.compile(c.name, c.method)
     log(f"generating {args.num_samples} samples per configuration: {sampler.num_batches} rounds of every configuration")
     sampler.generate_rounds([c.name for c in configs])
 
@@ -936,7 +971,7 @@ def evaluate(args: argparse.Namespace, command: str, log=print) -> list[Row]:
         "steps": args.steps, "cfg_scale": args.cfg, "num_samples": args.num_samples, "batch_size": args.batch_size,
         "seed": args.seed, "repeats": sampler.num_batches,
         "reference_size": len(ref_idx), "classifier_accuracy": judge_info.get("test_accuracy", "unknown"),
-        "efflite_size": args.efflite_size, "png_name": png.name, "tome_search": search,
+        "efflite_size": args.efflite_size, "png_name": png.name, "tome_searches": searches,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(markdown_report(rows, context))

@@ -1,5 +1,6 @@
-"""Prompts -> class ids: ImageNet class names (with their WordNet synonyms), a checkpoint's own
-class names, or plain integer ids."""
+"""Prompts -> conditioning. Class models: ImageNet class names (with their WordNet synonyms), a
+checkpoint's own class names, or plain integer ids. Text models (PixArt): the bundle's tokenizer
+and T5 encoder, run once per prompt batch, before the denoising loop."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 _IMAGENET_FILE = Path(__file__).parent / "assets" / "imagenet_classes.json"
@@ -85,3 +88,50 @@ def class_ids(
 def class_label(class_index: int, class_names: Sequence[str] | None = None) -> str:
     """Human-readable name of a class id."""
     return imagenet_class_names()[class_index][0] if class_names is None else class_names[class_index]
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(directory: str):
+    from dit_jax.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(directory)
+
+
+@jax.jit
+def _encode(weights, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    from dit_jax.weights import text_encoder_module
+
+    return text_encoder_module(weights)(input_ids, attention_mask)
+
+
+def text_condition(weights, prompts: Sequence[str], negative_prompt: str | None = "") -> tuple[dict, dict | None]:
+    """Text prompts -> the conditioning a text-conditioned transformer takes (see `denoise`).
+
+    Returns (cond for the B prompts, cond for `negative_prompt` (one row), or None when
+    negative_prompt is None): {"text": (B, L, D) T5 embeddings in the transformer's dtype,
+    "text_mask": (B, L) int32}, plus "resolution" (B, 2) and "aspect_ratio" (B, 1) (the sampled
+    image's pixels) for models with micro-conditions. L is the model's max_text_length; longer
+    prompts are truncated with a warning. Prompts are lower-cased and stripped, as PixArt's
+    diffusers pipeline does without its optional caption cleaning.
+    """
+    config = weights.config
+    if not config.text_conditioned:
+        raise ValueError(f"this {config.family} model is class-conditioned: use class_ids")
+    bad = [p for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise ValueError(f"a text-conditioned model takes text prompts, got {bad[0]!r} ({type(bad[0]).__name__})")
+    # PixArt's pipeline lower-cases and strips prompts (its optional caption cleaning, which needs
+    # bs4 and ftfy, is not reproduced: diffusers itself falls back to this without them).
+    texts = [t.lower().strip() for t in list(prompts) + ([] if negative_prompt is None else [negative_prompt])]
+    input_ids, mask = _tokenizer(config.tokenizer_dir)(texts, max_length=config.dit.max_text_length)
+    text = _encode(weights, jnp.asarray(input_ids), jnp.asarray(mask)).astype(jax.tree.leaves(weights.dit)[0].dtype)
+    cond = {"text": text, "text_mask": jnp.asarray(mask, jnp.int32)}
+    if config.dit.use_additional_conditions:
+        side = float(config.image_size)
+        cond["resolution"] = jnp.full((len(texts), 2), side, jnp.float32)  # (height, width) in pixels
+        cond["aspect_ratio"] = jnp.ones((len(texts), 1), jnp.float32)  # height / width: square
+    b = len(prompts)
+    split = jax.tree.map(lambda a: (a[:b], a[b:]), cond)
+    first = {k: v[0] for k, v in split.items()}
+    rest = None if negative_prompt is None else {k: v[1] for k, v in split.items()}
+    return first, rest

@@ -1,7 +1,8 @@
-"""Command line: sample class-conditional images, optionally with SDTM or ToMe beside the baseline.
+"""Command line: sample images for class or text prompts, optionally with SDTM or ToMe beside the baseline.
 
     python -m dit_jax.sample "sneaker" "dress" "bag" --sdtm          # the shipped model, both rows
     python -m dit_jax.sample "golden retriever" --weights ckpts/dit-xl-2-256 --steps 250 --sampler ddpm
+    python -m dit_jax.sample "a photo of a cat" --weights ckpts/pixart-512 --bf16 --sdtm   # text (PixArt)
 
 Prints the compile time and the sampling time of each row apart, and writes a PNG grid (one row
 per method) with the prompts in its metadata.
@@ -60,11 +61,12 @@ def _methods(args) -> list[tuple[str, object]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dit_jax.sample", description=__doc__.split("\n\n")[0])
-    ap.add_argument("prompts", nargs="+", help="class names or ids, one image each")
+    ap.add_argument("prompts", nargs="+", help="class names or ids (class models) or texts (text models), one image each")
     ap.add_argument("--weights", help="weights directory (default: the model shipped in the package)")
-    ap.add_argument("--sampler", default="ddim", choices=SAMPLER_NAMES)
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
+    ap.add_argument("--sampler", choices=SAMPLER_NAMES, help="default: the model family's (DiT ddim, PixArt dpm++)")
+    ap.add_argument("--steps", type=int, help="default: the family's (DiT 50, PixArt 20)")
+    ap.add_argument("--cfg", type=float, help="classifier-free guidance scale, 1 = off (default: DiT 4.0, PixArt 4.5)")
+    ap.add_argument("--negative-prompt", default="", help="text models: what guidance steers away from")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-images", type=int, help="images per prompt when one prompt is given")
     ap.add_argument("--sdtm", action="store_true", help="add a row sampled with SDTM (defaults)")
@@ -91,18 +93,22 @@ def main(argv: list[str] | None = None) -> int:
         prompts: list = list(args.prompts)
         if len(prompts) == 1 and args.num_images:
             prompts = prompts * args.num_images
-        labels = class_ids(prompts, names, weights.config.dit.num_classes)
+        if weights.config.text_conditioned:
+            shown = prompts
+        else:
+            prompts = [int(i) for i in class_ids(prompts, names, weights.config.dit.num_classes)]
+            shown = [class_label(i, names) for i in prompts]
         rows, timings = [], []
         for label, method in methods:
             plan, call_args = prepare(
-                weights, list(map(int, labels)), sdtm=method, sampler=args.sampler, steps=args.steps,
-                cfg_scale=args.cfg, seed=args.seed, progress=args.steps >= 100,
+                weights, prompts, sdtm=method, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg,
+                seed=args.seed, progress=(args.steps or 0) >= 100, negative_prompt=args.negative_prompt,
             )
             print(f"{label}: compiling {len(plan.phases)} phase(s) "
                   f"{[(p.strategy, p.merge_count, p.stop - p.start) for p in plan.phases]}", flush=True)
             images, compile_s, run_s = compile_and_run(plan, call_args)
             print(f"{label}: compile {compile_s:.1f}s, sampling {run_s:.2f}s "
-                  f"({args.steps} {args.sampler} steps, {len(labels)} image(s))", flush=True)
+                  f"({plan.sampler.num_steps} {plan.sampler.name} steps, {len(prompts)} image(s))", flush=True)
             rows.append(images)
             timings.append((label, compile_s, run_s))
     except (ValueError, FileNotFoundError) as e:
@@ -115,9 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
-        "prompts": json.dumps([class_label(int(i), names) for i in labels]),
+        "prompts": json.dumps(shown),
         "rows": json.dumps([t[0] for t in timings]),
-        "settings": json.dumps({"sampler": args.sampler, "steps": args.steps, "cfg": args.cfg, "seed": args.seed}),
+        "settings": json.dumps({"sampler": plan.sampler.name, "steps": plan.sampler.num_steps, "cfg": args.cfg,
+                                "seed": args.seed}),
     }
     write_png(out, image_grid(rows), meta)
     print(f"wrote {out}: rows {', '.join(t[0] for t in timings)}; prompts {', '.join(json.loads(meta['prompts']))}")

@@ -1,8 +1,13 @@
 """The `Weights` bundle: configs (static) and parameter trees (array leaves) of every component.
 
 On disk a bundle is a directory:
-    config.json   readable: each component's config, class names, provenance
-    params/       an orbax checkpoint of {"dit": ..., "vae": ...}
+    config.json   readable: the family, each component's config, class names, provenance
+    params/       an orbax checkpoint of {"dit": ..., "vae": ..., "text_encoder": ...}
+    tokenizer/    text families only: the checkpoint's own tokenizer files
+
+Families: "dit" (class-conditional DiT, `dit_jax.models.dit`) and "pixart" (text-conditional
+PixArt-alpha/Sigma, `dit_jax.models.pixart`, with a T5 text encoder). The diffusion transformer's
+parameters sit under `dit` whatever the family.
 """
 
 from __future__ import annotations
@@ -25,20 +30,44 @@ from dit_jax.models.dit import DiT, DiTConfig
 
 FORMAT_VERSION = 1
 DEFAULT_WEIGHTS = Path(__file__).parent / "assets" / "fashion-dit"
+TOKENIZER_DIR = "tokenizer"
+
+
+FAMILIES = ("dit", "pixart")
+
+
+def _model_config_class(family: str):
+    if family == "dit":
+        return DiTConfig
+    if family == "pixart":
+        from dit_jax.models.pixart import PixArtConfig
+
+        return PixArtConfig
+    raise ValueError(f"unknown model family {family!r}; this version knows {', '.join(FAMILIES)}")
 
 
 @dataclasses.dataclass(frozen=True)
 class BundleConfig:
     """Everything about a bundle that is not an array. Hashable: it is the static part of `Weights`."""
 
-    dit: DiTConfig
+    dit: Any  # the diffusion transformer's config: DiTConfig, or PixArtConfig (family "pixart")
     vae: Any = None  # dit_jax.models.vae.VAEConfig, or None for pixel-space models
     class_names: tuple[str, ...] | None = None  # None: ImageNet (the prompts module knows its names)
     info_json: str = "{}"  # provenance (converted from, trained with...), as JSON text
+    text_encoder: Any = None  # dit_jax.models.t5.T5Config for text families
+    tokenizer_dir: str | None = None  # where the tokenizer files are (set by load; text families)
 
     @property
     def info(self) -> dict:
         return json.loads(self.info_json)
+
+    @property
+    def family(self) -> str:
+        return "dit" if isinstance(self.dit, DiTConfig) else "pixart"
+
+    @property
+    def text_conditioned(self) -> bool:
+        return self.family != "dit"
 
     @property
     def pixel_space(self) -> bool:
@@ -52,27 +81,38 @@ class BundleConfig:
         return self.dit.input_size * 2 ** (len(self.vae.block_out_channels) - 1)
 
     def to_dict(self) -> dict:
-        return {
+        """The config.json contents (the tokenizer's place is not stored: it is the bundle's tokenizer/)."""
+        d = {
             "format_version": FORMAT_VERSION,
+            "family": self.family,
             "dit": self.dit.to_dict(),
             "vae": None if self.vae is None else self.vae.to_dict(),
             "class_names": None if self.class_names is None else list(self.class_names),
             "info": self.info,
         }
+        if self.text_encoder is not None:
+            d["text_encoder"] = self.text_encoder.to_dict()
+        return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> BundleConfig:
-        vae = None
+    def from_dict(cls, d: dict, tokenizer_dir: str | None = None) -> BundleConfig:
+        vae = text_encoder = None
         if d.get("vae") is not None:
             from dit_jax.models.vae import VAEConfig
 
             vae = VAEConfig.from_dict(d["vae"])
+        if d.get("text_encoder") is not None:
+            from dit_jax.models.t5 import T5Config
+
+            text_encoder = T5Config.from_dict(d["text_encoder"])
         names = d.get("class_names")
         return cls(
-            dit=DiTConfig.from_dict(d["dit"]),
+            dit=_model_config_class(d.get("family", "dit")).from_dict(d["dit"]),
             vae=vae,
             class_names=None if names is None else tuple(names),
             info_json=json.dumps(d.get("info", {}), sort_keys=True),
+            text_encoder=text_encoder,
+            tokenizer_dir=tokenizer_dir,
         )
 
 
@@ -84,21 +124,51 @@ class Weights:
     dit: dict
     vae: dict | None = None
     config: BundleConfig = dataclasses.field(default=None, metadata=dict(static=True))
+    text_encoder: dict | None = None
 
     @property
     def dtype(self):
         return jax.tree.leaves(self.dit)[0].dtype
 
 
+def model_class(config):
+    """The NNX module class of a diffusion-transformer config (DiT or PixArt)."""
+    if isinstance(config, DiTConfig):
+        return DiT
+    from dit_jax.models.pixart import PixArt, PixArtConfig
+
+    if isinstance(config, PixArtConfig):
+        return PixArt
+    raise TypeError(f"no model for a {type(config).__name__}")
+
+
 @functools.lru_cache(maxsize=None)
-def _dit_graph(config: DiTConfig, dtype) -> nnx.GraphDef:
-    abstract = nnx.eval_shape(lambda: DiT(config, rngs=nnx.Rngs(0), dtype=dtype))
+def _dit_graph(config, dtype) -> nnx.GraphDef:
+    cls = model_class(config)
+    abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype))
     return nnx.split(abstract)[0]
 
 
-def dit_module(weights: Weights) -> DiT:
-    """The DiT as an NNX module over `weights.dit` (cheap: no parameter is copied)."""
+def dit_module(weights: Weights):
+    """The diffusion transformer (DiT or PixArt) as an NNX module over `weights.dit` (cheap: no
+    parameter is copied)."""
     return nnx.merge(_dit_graph(weights.config.dit, jnp.dtype(weights.dtype)), weights.dit)
+
+
+def text_encoder_module(weights: Weights):
+    """The T5 text encoder as an NNX module over `weights.text_encoder` (text families)."""
+    if weights.text_encoder is None:
+        raise ValueError("this bundle has no text encoder (a class-conditioned model)")
+    dtype = jnp.dtype(jax.tree.leaves(weights.text_encoder)[0].dtype)
+    return nnx.merge(_t5_graph(weights.config.text_encoder, dtype), weights.text_encoder)
+
+
+@functools.lru_cache(maxsize=None)
+def _t5_graph(config, dtype) -> nnx.GraphDef:
+    from dit_jax.models.t5 import T5Encoder
+
+    abstract = nnx.eval_shape(lambda: T5Encoder(config, rngs=nnx.Rngs(0), dtype=dtype))
+    return nnx.split(abstract)[0]
 
 
 def vae_module(weights: Weights):
@@ -141,6 +211,7 @@ def cast(weights: Weights, dtype) -> Weights:
         weights,
         dit=jax.tree.map(one, weights.dit),
         vae=None if weights.vae is None else jax.tree.map(one, weights.vae),
+        text_encoder=None if weights.text_encoder is None else jax.tree.map(one, weights.text_encoder),
     )
 
 
@@ -169,8 +240,10 @@ def save(weights: Weights, path: str | os.PathLike, *, force: bool = False) -> P
     staging.chmod(0o755)  # mkdtemp makes it private; a bundle shipped in a package must be readable
     try:
         (staging / "config.json").write_text(json.dumps(weights.config.to_dict(), indent=2) + "\n")
-        tree = {"dit": weights.dit} if weights.vae is None else {"dit": weights.dit, "vae": weights.vae}
-        tree = jax.tree.map(np.asarray, _string_keys(tree))
+        tree = {"dit": weights.dit, "vae": weights.vae, "text_encoder": weights.text_encoder}
+        tree = jax.tree.map(np.asarray, _string_keys({k: v for k, v in tree.items() if v is not None}))
+        if weights.config.tokenizer_dir is not None:
+            shutil.copytree(weights.config.tokenizer_dir, staging / TOKENIZER_DIR)
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(staging / "params", tree)
         if path.exists():
@@ -200,10 +273,15 @@ def load(path: str | os.PathLike | None = None, *, dtype=jnp.float32) -> Weights
             f"{path} is not a dit-jax weights directory: {config_file.name} not found{hint}. "
             "Make one with `python -m convert.dit SRC OUT`."
         )
-    config = BundleConfig.from_dict(json.loads(config_file.read_text()))
+    tokenizer = path / TOKENIZER_DIR
+    config = BundleConfig.from_dict(
+        json.loads(config_file.read_text()), tokenizer_dir=str(tokenizer) if tokenizer.is_dir() else None
+    )
+    if config.text_encoder is not None and config.tokenizer_dir is None:
+        raise FileNotFoundError(f"{path} has a text encoder but no {TOKENIZER_DIR}/ folder: convert it again")
     with ocp.StandardCheckpointer() as ckptr:
         tree = _restore_keys(ckptr.restore(path / "params"))
-    weights = Weights(dit=tree["dit"], vae=tree.get("vae"), config=config)
+    weights = Weights(dit=tree["dit"], vae=tree.get("vae"), config=config, text_encoder=tree.get("text_encoder"))
     weights = jax.tree.map(jnp.asarray, weights)
     if dtype is not None:
         weights = cast(weights, dtype)

@@ -57,6 +57,11 @@ class SDTMConfig:
         MLP outputs; on the other steps a merged token's output becomes cache_weight * its own +
         (1 - cache_weight) * that cache (the release's sample.py: 3 and 0.1). The cache holds
         depth * 2 * batch * N * hidden numbers (2.1 GB in bf16 for DiT-XL/2 at 512 px, batch 16).
+    prompt_weight: (structure stage, detail stage) weights of the prompt in text-conditioned
+        models: each block's cross-attention branch is multiplied by the stage's weight (the
+        paper's prompt reweighting, whose formula is not published; see dit_jax.models.pixart).
+        (1.0, 1.0), the default, leaves the model unchanged; class-conditioned models accept
+        only that.
     """
 
     ratio: float = 0.5
@@ -71,6 +76,7 @@ class SDTMConfig:
     plan_every: int = 1
     protect_every: int | None = None
     cache_weight: float = 1.0
+    prompt_weight: tuple[float, float] = (1.0, 1.0)
 
     def __post_init__(self):
         _check_number("ratio", self.ratio, 0.0, 1.0)
@@ -111,6 +117,20 @@ class SDTMConfig:
             )
         if self.idm_score not in IDM_SCORES:
             raise ValueError(f"idm_score must be one of {IDM_SCORES}, got {self.idm_score!r}")
+        weights = self.prompt_weight
+        if isinstance(weights, (int, float)) and not isinstance(weights, bool):
+            weights = (weights, weights)
+        if not isinstance(weights, (tuple, list)) or len(weights) != 2:
+            raise ValueError(
+                f"prompt_weight must be (structure stage, detail stage), e.g. (1.0, 1.2), got {self.prompt_weight!r}"
+            )
+        for stage, w in zip(("structure", "detail"), weights):
+            _check_number(f"prompt_weight ({stage} stage)", w, 0.0, 10.0)
+        object.__setattr__(self, "prompt_weight", tuple(float(w) for w in weights))
+
+    def stage_prompt_weight(self, step: int, steps: int) -> float:
+        """The prompt weight at `step` of `steps`: the structure stage's before the switch step."""
+        return self.prompt_weight[0] if step < self.switch_index(steps) else self.prompt_weight[1]
 
     def switch_index(self, steps: int) -> int:
         """The first detail-stage step for a run of `steps` steps."""

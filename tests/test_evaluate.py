@@ -125,9 +125,15 @@ def test_config_specs():
     tome = evaluate.parse_config("tome:ratio=0.25,merge_mlp=true,window=2")
     assert tome.method == sdtm.ToMeConfig(ratio=0.25, merge_mlp=True, window=(2, 2))
     matched = evaluate.parse_config("tome:ratio=match,merge_mlp=true")
-    assert matched.needs_match and matched.resolved(0.5).method == sdtm.ToMeConfig(ratio=0.5, merge_mlp=True)
+    assert matched.needs_match and matched.match_target == "sdtm"
+    assert matched.resolved(0.5).method == sdtm.ToMeConfig(ratio=0.5, merge_mlp=True)
+    assert evaluate.parse_config("tome:ratio=match,target=sdtm-release").match_target == "sdtm-release"
+    release = evaluate.parse_config("sdtm-release").method
+    assert (release.protect_every, release.cache_weight) == (3, 0.1)
     for bad, message in [("fancy", "unknown configuration"), ("sdtm:speed=2", "not key=value"),
-                         ("sdtm:ratio=0.9", "ratio \\+ deviation"), ("tome:ratio=0.9", "ToMe ratio")]:
+                         ("sdtm:ratio=0.9", "ratio \\+ deviation"), ("tome:ratio=0.9", "ToMe ratio"),
+                         ("tome:ratio=0.5,target=sdtm", "target= goes with ratio=match"),
+                         ("sdtm:cache_weight=0.1", "set protect_every")]:
         with pytest.raises(ValueError, match=message):
             evaluate.parse_config(bad)
 
@@ -135,9 +141,47 @@ def test_config_specs():
     assert [c.name for c in configs] == ["baseline", "sdtm", "tome:ratio=0.5"]
     with pytest.raises(ValueError, match="add `sdtm`"):
         evaluate.parse_configs(["tome-matched"])
+    with pytest.raises(ValueError, match="add `sdtm-release`"):
+        evaluate.parse_configs(["sdtm", "tome-matched-release"])
     with pytest.raises(ValueError, match="names repeat"):
         evaluate.parse_configs(["sdtm", "sdtm"])
     assert evaluate.describe(sdtm.SDTMConfig(ratio=0.3)) == "SDTMConfig(ratio=0.3)"
+
+
+def _row(name, speedup, adherence, fd_clf, fd_eff=None) -> evaluate.Row:
+    return evaluate.Row(name, "", "", 10, speedup, None, None, None, None, adherence, fd_clf, (0.0, 0.0),
+                        fd_eff, None if fd_eff is None else (0.0, 0.0))
+
+
+def test_keeps_quality_rule_and_report():
+    base, real = _row("baseline", 1.0, 0.95, 50.0, 50.0), _row("test images", None, 0.94, 10.0, 30.0)
+    assert evaluate.keeps_quality(_row("a", 1.3, 0.93, 60.0, 55.0), base, real)  # within 3 points, FDs within slack
+    assert not evaluate.keeps_quality(_row("b", 1.3, 0.91, 40.0, 40.0), base, real)  # adherence
+    assert not evaluate.keeps_quality(_row("c", 1.3, 0.95, 71.0, 50.0), base, real)  # FD-classifier > 50 + 20
+    assert not evaluate.keeps_quality(_row("d", 1.3, 0.95, 50.0, 61.0), base, real)  # FD-EffLite0 > 50 + 10
+    assert evaluate.keeps_quality(_row("e", 1.3, 0.95, 62.0), _row("baseline", 1.0, 0.95, 50.0), None)  # 25% without floor
+    rows = [base, _row("fast", 2.0, 0.5, 300.0, 300.0), _row("ok", 1.2, 0.95, 50.0, 50.0), real]
+    text = evaluate.markdown_report(rows, {
+        "command": "python -m dit_jax.evaluate", "date": "today", "machine": "cpu", "model": "m", "steps": 2,
+        "cfg_scale": 4.0, "num_samples": 10, "batch_size": 10, "seed": 0, "repeats": 1, "reference_size": 20,
+        "classifier_accuracy": 0.92, "efflite_size": 224, "png_name": "q.png", "tome_searches": {}})
+    assert "Keep quality, fastest first (speed-up, adherence): ok (1.20x, 95%)." in text
+    assert "Lose quality: fast (2.00x, 50%)." in text
+    assert "| ok | 1.20x |" in text and text.count("| yes |") == 1
+
+
+def test_token_shares_count_protected_steps_at_full_resolution():
+    from dit_jax import load
+
+    sampler = evaluate.TimedSampler(load(), 10, 10, steps=6, cfg_scale=4.0, seed=0, log=None)
+    for name, method in [("tome", sdtm.ToMeConfig(ratio=0.5)),
+                         ("release", sdtm.SDTMConfig(switch_step=1.0, deviation=0.0, protect_every=3, cache_weight=0.1))]:
+        plan, _ = sampler.batch_args(method, 0)
+        sampler.compiled[name] = (None, method, plan)  # shares need the plan only, not the program
+    assert sampler.token_shares("tome") == (0.5, 1.0)
+    # SSM at ratio 0.5 (126 of 256 tokens: a multiple of 3) on steps 1, 2, 4, 5; steps 0 and 3 protected
+    attn, mlp = sampler.token_shares("release")
+    assert attn == mlp == pytest.approx((2 * 256 + 4 * 130) / (6 * 256))
 
 
 def test_balanced_indices():
@@ -176,7 +220,7 @@ def test_end_to_end_writes_the_table(tmp_path):
     assert baseline[2].strip() == "1.00x" and baseline[-3].strip() == "10"
     assert tome[4].strip() == "50% / 100%"  # attention / MLP tokens
     assert real[2].strip() == "–" and float(real[5].strip().rstrip("%")) >= 70  # real images: classifier accuracy
-    assert "protected steps" in text and "cache blend" in text and "## ToMe ratio search" not in text
+    assert "## ToMe ratio search" not in text
     assert ("FD-EffLite0 in ImageNet EfficientNet-Lite0 features" in text) == HAS_EFFLITE
     if HAS_EFFLITE:
         assert len(list((tmp_path / "cache").glob("efflite0-32px-40-*.npy"))) == 1
@@ -192,4 +236,4 @@ def test_end_to_end_writes_the_table(tmp_path):
 def test_end_to_end_with_the_tome_search(tmp_path):
     text, table = _run_tiny(tmp_path, ["sdtm", "tome-matched"])
     assert [line.split("|")[1].strip() for line in table[1:]] == ["baseline", "sdtm", "tome-matched", "test images"]
-    assert "## ToMe ratio search" in text and "chosen ratio" in text
+    assert "## ToMe ratio search: sdtm" in text and "chosen ratio" in text
