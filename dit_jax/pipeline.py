@@ -132,6 +132,9 @@ def _run(weights: Weights, x_T, cond, cfg_scale, key, plan: SamplingPlan):
 
     for phase_index, phase in enumerate(plan.phases):
         merger = phase.merger
+        if merger is not None and plan.batch_sharding is not None:
+            # Plans are built per row: each device builds its own rows' plans, nothing crosses devices.
+            merger = sdtm_lib.BatchParallel(merger, plan.batch_sharding.mesh, DATA_AXIS)
         # SDTM's prompt reweighting (text families): the phase's stage weight on the prompt.
         extra = {} if plan.prompt_weights is None else {"prompt_weight": plan.prompt_weights[phase_index]}
 

@@ -15,7 +15,7 @@ baseline. Framework-agnostic: everything works on [B, N, C] arrays of a row-majo
 from sdtm.config import SDTMConfig, ToMeConfig
 from sdtm.frequency import frequency_priority, update_counter
 from sdtm.idm import IDMMerger, idm_plan
-from sdtm.merger import BlockMerger, MergeState, NoMerger, init_state
+from sdtm.merger import BatchParallel, BlockMerger, MergeState, NoMerger, init_state
 from sdtm.ops import MergePlan, identity_plan, merge, plan_from_parents, unmerge
 from sdtm.schedule import Phase, compression_ratio, schedule, step_merge_counts
 from sdtm.ssm import SSMMerger, ssm_plan
@@ -27,6 +27,7 @@ __all__ = [
     "MergePlan",
     "MergeState",
     "NoMerger",
+    "BatchParallel",
     "Phase",
     "SDTMConfig",
     "SSMMerger",

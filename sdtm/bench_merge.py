@@ -5,7 +5,10 @@
 
 Every variant computes `sdtm.merge` up to round-off (tests/test_ops.py checks that they agree):
   offsets      sdtm.merge: seeds + scatter-added (source - seed) / group size; one more
-               gather of R rows than sum_scatter, exact when a group's tokens are equal
+               gather of R rows than sum_scatter, exact when a group's tokens are equal; the
+               scatter vmapped over rows (so XLA can split it over devices with the batch)
+  row_indexed  the same with one scatter indexed by [row, slot] pairs (what sdtm.merge did
+               before: XLA gathers it across devices when the batch is sharded)
   sum_scatter  seeds + scatter-added sources, times 1/group size (one gather of R rows fewer)
   segment_sum  one segment_sum of all N tokens by token_slot (no gathers, a scatter of N rows)
   sorted_sum   gather tokens in slot order, then a sorted segment_sum (the order would have to
@@ -29,6 +32,17 @@ from sdtm.tome import tome_plan
 
 def merge_offsets(plan: MergePlan, x: jax.Array) -> jax.Array:
     return merge(plan, x)
+
+
+def merge_row_indexed(plan: MergePlan, x: jax.Array) -> jax.Array:
+    """sdtm.merge's arithmetic with one [row, slot]-indexed scatter instead of a vmapped one."""
+    kept = jnp.take_along_axis(x, plan.keep_index[..., None], axis=1).astype(jnp.float32)  # (B, M, C)
+    seed_of_src = jnp.take_along_axis(plan.keep_index, plan.src_slot, axis=1)  # (B, R)
+    scale_of_src = jnp.take_along_axis(plan.slot_scale, plan.src_slot, axis=1)  # (B, R)
+    offsets = (jnp.take_along_axis(x, plan.src_index[..., None], axis=1).astype(jnp.float32)
+               - jnp.take_along_axis(x, seed_of_src[..., None], axis=1).astype(jnp.float32))
+    batch = jnp.arange(x.shape[0])[:, None]
+    return kept.at[batch, plan.src_slot].add(offsets * scale_of_src[..., None]).astype(x.dtype)
 
 
 def merge_sum_scatter(plan: MergePlan, x: jax.Array) -> jax.Array:
@@ -105,6 +119,7 @@ def run(tokens: list[int], batch: int, channels: int, dtype: str, reps: int, one
             calls = {
                 "build": (build, metric),
                 "offsets": (jax.jit(merge_offsets), plan, x),
+                "row_indexed": (jax.jit(merge_row_indexed), plan, x),
                 "sum_scatter": (jax.jit(merge_sum_scatter), plan, x),
                 "segment_sum": (jax.jit(merge_segment_sum), plan, x),
                 "sorted_sum": (jax.jit(merge_sorted_sum), plan, x, order, sorted_slot),

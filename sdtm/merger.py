@@ -86,3 +86,53 @@ def advance_counters(state: MergeState, plan: MergePlan, frequency: str | None) 
     batch, num_tokens = state["counter"].shape
     counter = update_counter(state["counter"], merged_mask(plan, batch, num_tokens), frequency)
     return {**state, "counter": counter}
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchParallel:
+    """`inner`'s plans built on every device from its own rows of a batch split over `mesh`'s
+    `axis` (`jax.shard_map`). Plans, counters and key attention are per row, so this computes
+    the same as `inner` alone, without the cross-device gathers XLA's partitioner inserts around
+    top_k and row-indexed scatters. A batch whose rows do not split evenly, or whose per-device
+    row count has another parity than the whole batch's (ToMe's destinations depend on it), is
+    built by `inner` over the whole batch.
+    """
+
+    inner: BlockMerger
+    mesh: jax.sharding.Mesh
+    axis: str = "data"
+
+    @property
+    def needs_key_attention(self) -> bool:
+        return self.inner.needs_key_attention
+
+    @property
+    def plan_every(self) -> int:
+        return getattr(self.inner, "plan_every", 1)
+
+    def build(self, metric, state, *, grid, key_attention=None):
+        devices = self.mesh.shape[self.axis]
+        batch = metric.shape[0]
+        if batch % devices or (batch // devices) % 2 != batch % 2:
+            return self.inner.build(metric, state, grid=grid, key_attention=key_attention)
+        rows, everywhere = jax.sharding.PartitionSpec(self.axis), jax.sharding.PartitionSpec()
+
+        def local(metric, counter, key, key_attention):
+            attn_plan, mlp_plan, new = self.inner.build(
+                metric, {**state, "counter": counter, "key": key}, grid=grid, key_attention=key_attention
+            )
+            return attn_plan, mlp_plan, new["counter"], new["key"]
+
+        args = (metric, state["counter"], state["key"], key_attention)
+        # Which plans exist (None or a MergePlan) is static: learn it from the shapes alone.
+        attn_plan, mlp_plan, _, _ = jax.eval_shape(local, *args)
+
+        def spec(plan):
+            return None if plan is None else jax.tree.map(lambda _: rows, plan)
+
+        in_specs = (rows, rows, everywhere, None if key_attention is None else rows)
+        out_specs = (spec(attn_plan), spec(mlp_plan), rows, everywhere)
+        attn_plan, mlp_plan, counter, key = jax.shard_map(
+            local, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs
+        )(*args)
+        return attn_plan, mlp_plan, {**state, "counter": counter, "key": key}

@@ -74,8 +74,10 @@ def merge(plan: MergePlan | None, x: jax.Array) -> jax.Array:
     offsets = _take_tokens(x, plan.src_index).astype(jnp.float32) - _take_tokens(x, seed_of_src).astype(
         jnp.float32
     )  # (B, R, C)
-    batch = jnp.arange(x.shape[0])[:, None]
-    mean = kept.astype(jnp.float32).at[batch, plan.src_slot].add(offsets * scale_of_src[..., None])
+    # One scatter-add per row, vmapped: a batched scatter, which XLA splits over devices with the
+    # batch (a scatter indexed by [row, slot] pairs would be gathered across them).
+    add_rows = jax.vmap(lambda kept, slot, value: kept.at[slot].add(value))
+    mean = add_rows(kept.astype(jnp.float32), plan.src_slot, offsets * scale_of_src[..., None])
     return mean.astype(x.dtype)
 
 

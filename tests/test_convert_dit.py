@@ -1,6 +1,5 @@
 """convert.dit: official and diffusers layouts, the CLI, and every error it must name."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -152,6 +152,7 @@ def test_benchmarked_merge_variants_agree_with_merge(kind):
     want = np.asarray(sdtm.merge(plan, x))
     order, sorted_slot = bench_merge.slot_order(plan)
     for got in (
+        bench_merge.merge_row_indexed(plan, x),
         bench_merge.merge_sum_scatter(plan, x),
         bench_merge.merge_segment_sum(plan, x),
         bench_merge.merge_sorted_sum(plan, x, order, sorted_slot),

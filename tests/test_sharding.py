@@ -129,8 +129,6 @@ def test_guided_batch_needs_no_communication(sharded):
     assert report["baseline"]["collectives"] == dict.fromkeys(COLLECTIVES, 0)
 
 
-@pytest.mark.xfail(strict=True, reason="sdtm ops index rows with `.at[rows, idx]` scatters and `lax.top_k`, "
-                   "which the partitioner all-gathers; vmapped scatters and a stable argsort partition cleanly")
 def test_sdtm_needs_no_communication(sharded):
     report, _ = sharded
     assert report["sdtm"]["collectives"] == dict.fromkeys(COLLECTIVES, 0)

@@ -1,25 +1,15 @@
 """dit_jax.tokenizer: both back ends give transformers' T5 ids, truncation warns, errors are clear."""
 
-import io
 import shutil
 import sys
 
 import numpy as np
 import pytest
-import sentencepiece
 import transformers
+from text_testing import train_spiece
 
 from dit_jax.tokenizer import Tokenizer
 
-SENTENCES = [
-    "A photo of a cat sitting on a red sofa.",
-    "An astronaut riding a horse on the moon, digital art.",
-    "Two dogs play in the snow near a wooden cabin.",
-    "A bowl of ramen with eggs and green onions, studio lighting.",
-    "Portrait of an old man with a beard, oil painting, 4k.",
-    "The quick brown fox jumps over the lazy dog!",
-    "City skyline at night, neon lights reflecting in the rain.",
-]
 PROMPTS = [
     "A photo of a cat",
     "  leading,   inner  and trailing   spaces  ",
@@ -41,14 +31,7 @@ def dirs(tmp_path_factory):
     saves that as tokenizer.json.
     """
     root = tmp_path_factory.mktemp("tokenizers")
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(SENTENCES * 5), model_writer=model, vocab_size=70, model_type="unigram",
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, normalization_rule_name="nmt_nfkc",
-        minloglevel=2,
-    )
-    (root / "spm").mkdir()
-    (root / "spm" / "spiece.model").write_bytes(model.getvalue())
+    train_spiece(root / "spm")
     transformers.T5Tokenizer.from_pretrained(str(root / "spm")).save_pretrained(str(root / "json"))
     assert (root / "json" / "tokenizer.json").is_file() and not (root / "json" / "spiece.model").exists()
     return {"spm": root / "spm", "json": root / "json"}

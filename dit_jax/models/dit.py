@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dit_jax.nn.attention import Attention
+from dit_jax.models.config import ModelConfig
+
+from dit_jax.nn.attention import Attention, merged_self_attention
 from dit_jax.nn.layers import Mlp, layer_norm, modulate, sincos_pos_embed_2d, timestep_embedding
 from sdtm.merger import BlockMerger, MergeState
 from sdtm.ops import blend_merged, merge, unmerge
@@ -28,7 +30,9 @@ class Buffer(nnx.Variable):
 
 
 @dataclasses.dataclass(frozen=True)
-class DiTConfig:
+class DiTConfig(ModelConfig):
+    family_name = "DiT"
+
     input_size: int = 32  # latent (or pixel) side: 32 for 256 px, 64 for 512 px
     patch_size: int = 2
     in_channels: int = 4
@@ -58,19 +62,6 @@ class DiTConfig:
         """Label id of the unconditional (null) class."""
         return self.num_classes
 
-    def replace(self, **changes: Any) -> DiTConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DiTConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown DiT config fields {unknown}; valid fields: {sorted(names)}")
-        return cls(**d)
 
     def validate(self) -> None:
         if self.input_size % self.patch_size:
@@ -184,21 +175,7 @@ class DiTBlock(nnx.Module):
             self.adaLN_modulation(jax.nn.silu(c)), 6, axis=-1
         )
         h = modulate(layer_norm(x), shift_msa, scale_msa)  # (B, N, D): the merge metric
-        attn_plan = mlp_plan = None
-        if plans is not None:
-            attn_plan, mlp_plan = plans
-            attn_out = unmerge(attn_plan, self.attn(merge(attn_plan, h)))
-        elif merger is None:
-            attn_out = self.attn(h)
-        elif merger.needs_key_attention:
-            # IDM ranks tokens by the attention they receive: attention runs on every token first.
-            attn_out, key_att = self.attn(h, with_key_attention=True)
-            attn_plan, mlp_plan, state = merger.build(h, state, grid=grid, key_attention=key_att)
-            if attn_plan is not None:
-                raise ValueError("a merger that needs key attention cannot merge attention inputs")
-        else:
-            attn_plan, mlp_plan, state = merger.build(h, state, grid=grid)
-            attn_out = unmerge(attn_plan, self.attn(merge(attn_plan, h)))
+        attn_out, (attn_plan, mlp_plan), state = merged_self_attention(self.attn, h, merger, state, grid, plans)
         attn_branch = gate_msa[:, None] * attn_out
         if cache is not None:
             attn_branch = blend_merged(attn_plan, attn_branch, cache[0], cache_weight)
@@ -277,22 +254,27 @@ class DiT(nnx.Module):
             )
         tokens = self.x_embedder(x) + self.pos_embed[...]  # (B, T, D)
         c = self.t_embedder(jnp.broadcast_to(t, (b,))) + self.y_embedder(y)  # (B, D)
-        every = getattr(merger, "plan_every", 1) if merger is not None else 1
-        if block_stack is None:
-            plans, branches = None, []
-            for i, block in enumerate(self.blocks):
-                reuse = plans if i % every else None
-                tokens, merge_state, plans, block_branches = block(
-                    tokens, c, merger, merge_state, cfg.grid, reuse, None if cache is None else cache[i], cache_weight
-                )
-                branches.append(block_branches)
-            branches = jnp.stack(branches) if return_branches else None
-        else:
-            tokens, merge_state, branches = self._scan_blocks(
-                tokens, c, merger, merge_state, block_stack, every, cache, cache_weight, return_branches
-            )
+        tokens, merge_state, branches = self.run_blocks(
+            tokens, c, merger, merge_state, block_stack, cache, cache_weight, return_branches
+        )
         out = self.unpatchify(self.final_layer(tokens, c))  # (B, H, W, C_out)
         return (out, merge_state, branches) if return_branches else (out, merge_state)
+
+    def run_blocks(self, tokens, c, merger, merge_state, block_stack, cache, cache_weight, collect):
+        """Every block on tokens (B, N, D) with the blocks' conditioning `c` -> (tokens, merge
+        state, branches (depth, 2, B, N, D) when `collect`, else None). One after another, or
+        (block_stack given) as scans; blocks share plans in groups of the merger's plan_every."""
+        every = getattr(merger, "plan_every", 1) if merger is not None else 1
+        if block_stack is not None:
+            return self._scan_blocks(tokens, c, merger, merge_state, block_stack, every, cache, cache_weight, collect)
+        plans, branches = None, []
+        for i, block in enumerate(self.blocks):
+            reuse = plans if i % every else None
+            tokens, merge_state, plans, block_branches = block(
+                tokens, c, merger, merge_state, self.config.grid, reuse, None if cache is None else cache[i], cache_weight
+            )
+            branches.append(block_branches)
+        return tokens, merge_state, jnp.stack(branches) if collect else None
 
     def _scan_blocks(self, tokens, c, merger, merge_state, block_stack, every, cache, cache_weight, collect):
         """The blocks as scans over their stacked parameters (and cache). With plan sharing

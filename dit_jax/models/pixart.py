@@ -32,8 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dit_jax.models.config import ModelConfig
+
 from dit_jax.models.dit import DiT, PatchEmbed, TimestepEmbedder, _linear
-from dit_jax.nn.attention import _implementation, key_attention
+from dit_jax.nn.attention import MultiHeadAttention, merged_self_attention
 from dit_jax.nn.layers import Mlp, layer_norm, modulate
 from sdtm.merger import BlockMerger, MergeState
 from sdtm.ops import blend_merged, merge, unmerge
@@ -46,7 +48,9 @@ FINAL_NORM_EPS = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
-class PixArtConfig:
+class PixArtConfig(ModelConfig):
+    family_name = "PixArt"
+
     input_size: int = 128  # latent side (diffusers' sample_size): 128 for 1024 px, 64 for 512 px
     patch_size: int = 2
     in_channels: int = 4
@@ -89,19 +93,6 @@ class PixArtConfig:
         """The token-grid side the position embedding is laid out for (diffusers' base_size)."""
         return self.input_size // self.patch_size
 
-    def replace(self, **changes: Any) -> PixArtConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> PixArtConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown PixArt config fields {unknown}; valid fields: {sorted(names)}")
-        return cls(**d)
 
     def validate(self) -> None:
         for name in ("input_size", "patch_size", "in_channels", "out_channels", "hidden_size", "depth",
@@ -215,48 +206,6 @@ def text_bias(text_mask: jax.Array, dtype) -> jax.Array:
     return ((1 - text_mask.astype(dtype)) * MASK_BIAS).astype(dtype)[:, None, None, :]
 
 
-class MultiHeadAttention(nnx.Module):
-    """Attention with separate q, k, v and output projections (bias on), as PixArt's blocks have
-    them in diffusers. Self-attention on x, or cross-attention from x to `context`."""
-
-    def __init__(self, dim: int, num_heads: int, *, context_dim: int | None = None, rngs: nnx.Rngs, dtype):
-        if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        context_dim = dim if context_dim is None else context_dim
-        self.q = _linear(dim, dim, rngs, dtype)
-        self.k = _linear(context_dim, dim, rngs, dtype)
-        self.v = _linear(context_dim, dim, rngs, dtype)
-        self.proj = _linear(dim, dim, rngs, dtype)
-
-    def __call__(
-        self,
-        x: jax.Array,  # (B, N, D) queries
-        context: jax.Array | None = None,  # (B, S, C) keys and values; None: x
-        bias: jax.Array | None = None,  # additive, broadcastable to (B, heads, N, S)
-        *,
-        with_key_attention: bool = False,
-    ):
-        """-> (B, N, D); with `with_key_attention` also the (B, S) key-attention score (IDM)."""
-        context = x if context is None else context
-        b, n, d = x.shape
-        s = context.shape[1]
-        head_dim = d // self.num_heads
-        q = self.q(x).reshape(b, n, self.num_heads, head_dim)
-        k = self.k(context).reshape(b, s, self.num_heads, head_dim)
-        v = self.v(context).reshape(b, s, self.num_heads, head_dim)
-        implementation = _implementation(q.dtype)
-        if bias is not None:
-            bias = bias.astype(q.dtype)
-            if implementation == "cudnn":  # cuDNN checks the bias' query and key lengths
-                bias = jnp.broadcast_to(bias, (b, bias.shape[1], n, s))
-        out = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation)
-        out = self.proj(out.reshape(b, n, d))
-        if with_key_attention:
-            return out, key_attention(q, k)
-        return out
-
-
 class CaptionProjection(nnx.Module):
     """T5 features -> hidden size: Linear, tanh-GELU, Linear (PixArt's y_embedder.y_proj)."""
 
@@ -316,21 +265,7 @@ class PixArtBlock(nnx.Module):
         modulation = self.scale_shift_table[None] + c.modulation.reshape(b, 6, d)  # (B, 6, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (modulation[:, i] for i in range(6))
         h = modulate(layer_norm(x, self.norm_eps), shift_msa, scale_msa)  # (B, N, D): the merge metric
-        attn_plan = mlp_plan = None
-        if plans is not None:
-            attn_plan, mlp_plan = plans
-            attn_out = unmerge(attn_plan, self.attn(merge(attn_plan, h)))
-        elif merger is None:
-            attn_out = self.attn(h)
-        elif merger.needs_key_attention:
-            # IDM ranks tokens by the attention they receive: self-attention runs on every token first.
-            attn_out, key_att = self.attn(h, with_key_attention=True)
-            attn_plan, mlp_plan, state = merger.build(h, state, grid=grid, key_attention=key_att)
-            if attn_plan is not None:
-                raise ValueError("a merger that needs key attention cannot merge attention inputs")
-        else:
-            attn_plan, mlp_plan, state = merger.build(h, state, grid=grid)
-            attn_out = unmerge(attn_plan, self.attn(merge(attn_plan, h)))
+        attn_out, (attn_plan, mlp_plan), state = merged_self_attention(self.attn, h, merger, state, grid, plans)
         attn_branch = gate_msa[:, None] * attn_out
         if cache is not None:
             attn_branch = blend_merged(attn_plan, attn_branch, cache[0], cache_weight)
@@ -382,6 +317,7 @@ class PixArt(nnx.Module):
     # and self.blocks, and call each block as block(x, c, merger, state, grid, plans, cache,
     # cache_weight), which PixArtBlock follows with c a BlockContext.
     stacked_blocks = DiT.stacked_blocks
+    run_blocks = DiT.run_blocks
     _scan_blocks = DiT._scan_blocks
     unpatchify = DiT.unpatchify
 
@@ -469,20 +405,8 @@ class PixArt(nnx.Module):
             text_bias=text_bias(jnp.asarray(cond["text_mask"]), dtype),  # (B, 1, 1, L)
             prompt_weight=float(prompt_weight),
         )
-        every = getattr(merger, "plan_every", 1) if merger is not None else 1
-        if block_stack is None:
-            plans, branches = None, []
-            for i, block in enumerate(self.blocks):
-                reuse = plans if i % every else None
-                tokens, merge_state, plans, block_branches = block(
-                    tokens, context, merger, merge_state, cfg.grid, reuse,
-                    None if cache is None else cache[i], cache_weight,
-                )
-                branches.append(block_branches)
-            branches = jnp.stack(branches) if return_branches else None
-        else:
-            tokens, merge_state, branches = self._scan_blocks(
-                tokens, context, merger, merge_state, block_stack, every, cache, cache_weight, return_branches
-            )
+        tokens, merge_state, branches = self.run_blocks(
+            tokens, context, merger, merge_state, block_stack, cache, cache_weight, return_branches
+        )
         out = self.unpatchify(self.final_layer(tokens, emb))  # (B, H, W, C_out)
         return (out, merge_state, branches) if return_branches else (out, merge_state)

@@ -36,12 +36,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from dit_jax.models.config import ModelConfig
 
 # Activations the feed-forward can use, by transformers' names (`dense_act_fn`).
 _ACTIVATIONS = {
@@ -63,7 +64,9 @@ _HF_DEFAULTS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class T5Config:
+class T5Config(ModelConfig):
+    family_name = "T5"
+
     """The encoder's hyper-parameters (transformers' T5Config names). Defaults: T5 v1.1 XXL."""
 
     vocab_size: int = 32128
@@ -93,19 +96,6 @@ class T5Config:
             return "gelu_new"
         return self.feed_forward_proj.removeprefix("gated-")
 
-    def replace(self, **changes: Any) -> T5Config:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> T5Config:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown T5 config fields {unknown}; valid fields: {sorted(names)}")
-        return cls(**d)
 
     @classmethod
     def from_hf_config(cls, d: dict) -> T5Config:

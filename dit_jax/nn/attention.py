@@ -1,4 +1,5 @@
-"""Multi-head self-attention through `jax.nn.dot_product_attention` (the cuDNN flash path on GPU)."""
+"""Multi-head attention through `jax.nn.dot_product_attention` (the cuDNN flash path on GPU), and
+self-attention under a token-merging strategy (`merged_self_attention`, shared by every block)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import os
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from sdtm.merger import BlockMerger, MergeState
+from sdtm.ops import merge, unmerge
 
 # "auto": cuDNN's fused flash attention on GPUs for bf16/fp16 (jax's own default is XLA's
 # unfused attention), XLA elsewhere. "xla" or "cudnn" force one; read when a function is traced.
@@ -72,3 +76,75 @@ class Attention(nnx.Module):
         if with_key_attention:
             return out, key_attention(q, k)
         return out
+
+
+class MultiHeadAttention(nnx.Module):
+    """Attention with separate q, k, v and output projections (bias on), as PixArt's blocks have
+    them in diffusers. Self-attention on x, or cross-attention from x to `context`."""
+
+    def __init__(self, dim: int, num_heads: int, *, context_dim: int | None = None, rngs: nnx.Rngs, dtype):
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        context_dim = dim if context_dim is None else context_dim
+        self.q = nnx.Linear(dim, dim, rngs=rngs, dtype=dtype, param_dtype=dtype)
+        self.k = nnx.Linear(context_dim, dim, rngs=rngs, dtype=dtype, param_dtype=dtype)
+        self.v = nnx.Linear(context_dim, dim, rngs=rngs, dtype=dtype, param_dtype=dtype)
+        self.proj = nnx.Linear(dim, dim, rngs=rngs, dtype=dtype, param_dtype=dtype)
+
+    def __call__(
+        self,
+        x: jax.Array,  # (B, N, D) queries
+        context: jax.Array | None = None,  # (B, S, C) keys and values; None: x
+        bias: jax.Array | None = None,  # additive, broadcastable to (B, heads, N, S)
+        *,
+        with_key_attention: bool = False,
+    ):
+        """-> (B, N, D); with `with_key_attention` also the (B, S) key-attention score (IDM)."""
+        context = x if context is None else context
+        b, n, d = x.shape
+        s = context.shape[1]
+        head_dim = d // self.num_heads
+        q = self.q(x).reshape(b, n, self.num_heads, head_dim)
+        k = self.k(context).reshape(b, s, self.num_heads, head_dim)
+        v = self.v(context).reshape(b, s, self.num_heads, head_dim)
+        implementation = _implementation(q.dtype)
+        if bias is not None:
+            bias = bias.astype(q.dtype)
+            if implementation == "cudnn":  # cuDNN checks the bias' query and key lengths
+                bias = jnp.broadcast_to(bias, (b, bias.shape[1], n, s))
+        out = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation)
+        out = self.proj(out.reshape(b, n, d))
+        if with_key_attention:
+            return out, key_attention(q, k)
+        return out
+
+
+def merged_self_attention(
+    attn: nnx.Module,
+    h: jax.Array,  # (B, N, D) the block's modulated input, also the merge metric
+    merger: BlockMerger | None,
+    state: MergeState | None,
+    grid: tuple[int, int] | None,
+    plans: tuple | None = None,
+) -> tuple[jax.Array, tuple, MergeState | None]:
+    """A block's self-attention as a merging strategy asks -> (output (B, N, D), (attn_plan,
+    mlp_plan), state).
+
+    plans: reuse these (built by an earlier block, `plan_every`) instead of asking the merger.
+    A merger that ranks tokens by the attention they receive (IDM) gets it from a full
+    self-attention, and may then merge the MLP input only.
+    """
+    if plans is not None:
+        attn_plan, mlp_plan = plans
+    elif merger is None:
+        return attn(h), (None, None), state
+    elif merger.needs_key_attention:
+        out, key_att = attn(h, with_key_attention=True)
+        attn_plan, mlp_plan, state = merger.build(h, state, grid=grid, key_attention=key_att)
+        if attn_plan is not None:
+            raise ValueError("a merger that needs key attention cannot merge attention inputs")
+        return out, (attn_plan, mlp_plan), state
+    else:
+        attn_plan, mlp_plan, state = merger.build(h, state, grid=grid)
+    return unmerge(attn_plan, attn(merge(attn_plan, h))), (attn_plan, mlp_plan), state
