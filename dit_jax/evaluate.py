@@ -197,6 +197,9 @@ def _sweep(ratio: float, **extra) -> sdtm_lib.SDTMConfig:
 # The official release's extras as its sample.py sets them: a full-resolution step in three, and
 # merged tokens' outputs blended 0.1 : 0.9 with those steps' cached outputs.
 RELEASE_EXTRAS = {"protect_every": 3, "cache_weight": 0.1}
+# What a sweep on the shipped model found (docs/quality-release-sweep*.md): SSM longer, and merged
+# tokens taking 98% of their output from the last protected step.
+TUNED = {"protect_every": 3, "cache_weight": 0.02, "switch_step": 0.7}
 MATCH = "match"  # a ToMe ratio to be searched
 
 
@@ -243,6 +246,11 @@ PRESETS: dict[str, EvalConfig] = dict([
             "the defaults plus the official release's protected steps (every 3rd) and cache blend (0.1)"),
     _preset("tome-matched-release", {"ratio": MATCH}, "ToMe (attention only) at sdtm-release's measured speed-up",
             "sdtm-release"),
+    _preset("sdtm-tuned", sdtm_lib.SDTMConfig(**TUNED),
+            "settings found for this model: the release's protected steps, a lighter cache blend (0.02), "
+            "structure stage to 70% of the steps"),
+    _preset("tome-matched-tuned", {"ratio": MATCH}, "ToMe (attention only) at sdtm-tuned's measured speed-up",
+            "sdtm-tuned"),
     _preset("sdtm-protect-only", sdtm_lib.SDTMConfig(protect_every=3),
             "protected steps without the cache blend (cache_weight 1)"),
     _preset("sdtm-release-r0.3", _sweep(0.3, **RELEASE_EXTRAS), "release extras at ratio 0.3 +- 0.12"),

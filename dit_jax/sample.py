@@ -51,6 +51,8 @@ def _methods(args) -> list[tuple[str, object]]:
         settings = {"plan_every": args.plan_every, "protect_every": args.protect_every, "cache_weight": args.cache_weight}
         if args.ratio is not None:
             settings["ratio"] = args.ratio
+        if args.switch_step is not None:
+            settings["switch_step"] = args.switch_step
         methods.append(("sdtm", sdtm_lib.SDTMConfig(**settings)))
     if args.tome is not None:
         methods.append((f"tome {args.tome}", sdtm_lib.ToMeConfig(ratio=args.tome)))
@@ -71,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-images", type=int, help="images per prompt when one prompt is given")
     ap.add_argument("--sdtm", action="store_true", help="add a row sampled with SDTM (defaults)")
     ap.add_argument("--ratio", type=float, help="SDTM compression ratio (default 0.5)")
+    ap.add_argument("--switch-step", type=float, help="SDTM: fraction of the steps in the structure stage (default 0.4)")
     ap.add_argument("--plan-every", type=int, default=1, help="SDTM: blocks sharing one merge plan")
     ap.add_argument("--protect-every", type=int, help="SDTM: a full-resolution step every K steps (official release: 3)")
     ap.add_argument("--cache-weight", type=float, default=1.0,

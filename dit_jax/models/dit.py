@@ -176,16 +176,20 @@ class DiTBlock(nnx.Module):
         )
         h = modulate(layer_norm(x), shift_msa, scale_msa)  # (B, N, D): the merge metric
         attn_out, (attn_plan, mlp_plan), state = merged_self_attention(self.attn, h, merger, state, grid, plans)
-        attn_branch = gate_msa[:, None] * attn_out
-        if cache is not None:
-            attn_branch = blend_merged(attn_plan, attn_branch, cache[0], cache_weight)
+        attn_branch = gated_branch(gate_msa, attn_out, attn_plan, cache, 0, cache_weight)
         x = x + attn_branch
         h = modulate(layer_norm(x), shift_mlp, scale_mlp)
-        mlp_branch = gate_mlp[:, None] * unmerge(mlp_plan, self.mlp(merge(mlp_plan, h)))
-        if cache is not None:
-            mlp_branch = blend_merged(mlp_plan, mlp_branch, cache[1], cache_weight)
+        mlp_out = unmerge(mlp_plan, self.mlp(merge(mlp_plan, h)))
+        mlp_branch = gated_branch(gate_mlp, mlp_out, mlp_plan, cache, 1, cache_weight)
         x = x + mlp_branch
         return x, state, (attn_plan, mlp_plan), jnp.stack([attn_branch, mlp_branch])
+
+
+def gated_branch(gate, out, plan, cache, index: int, cache_weight: float) -> jax.Array:
+    """gate (B, D) * a block's branch output (B, N, D); with a protected-step cache, merged
+    tokens blended with cache[index] (the official release's `mcw`, see `sdtm.ops.blend_merged`)."""
+    branch = gate[:, None] * out
+    return branch if cache is None else blend_merged(plan, branch, cache[index], cache_weight)
 
 
 class FinalLayer(nnx.Module):

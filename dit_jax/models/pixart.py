@@ -34,11 +34,11 @@ from flax import nnx
 
 from dit_jax.models.config import ModelConfig
 
-from dit_jax.models.dit import DiT, PatchEmbed, TimestepEmbedder, _linear
+from dit_jax.models.dit import DiT, PatchEmbed, TimestepEmbedder, _linear, gated_branch
 from dit_jax.nn.attention import MultiHeadAttention, merged_self_attention
 from dit_jax.nn.layers import Mlp, layer_norm, modulate
 from sdtm.merger import BlockMerger, MergeState
-from sdtm.ops import blend_merged, merge, unmerge
+from sdtm.ops import merge, unmerge
 
 # diffusers turns a text mask into this additive bias (keep: 0, pad: -10000) in the hidden dtype;
 # the same bias here gives the same numbers (a padded key's weight underflows to exactly 0).
@@ -266,17 +266,14 @@ class PixArtBlock(nnx.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (modulation[:, i] for i in range(6))
         h = modulate(layer_norm(x, self.norm_eps), shift_msa, scale_msa)  # (B, N, D): the merge metric
         attn_out, (attn_plan, mlp_plan), state = merged_self_attention(self.attn, h, merger, state, grid, plans)
-        attn_branch = gate_msa[:, None] * attn_out
-        if cache is not None:
-            attn_branch = blend_merged(attn_plan, attn_branch, cache[0], cache_weight)
+        attn_branch = gated_branch(gate_msa, attn_out, attn_plan, cache, 0, cache_weight)
         x = x + attn_branch
         # Cross-attention on the un-normalised tokens; its queries follow the attention plan.
         cross = unmerge(attn_plan, self.cross_attn(merge(attn_plan, x), c.text, c.text_bias))
         x = x + (cross if c.prompt_weight == 1.0 else c.prompt_weight * cross)
         h = modulate(layer_norm(x, self.norm_eps), shift_mlp, scale_mlp)
-        mlp_branch = gate_mlp[:, None] * unmerge(mlp_plan, self.mlp(merge(mlp_plan, h)))
-        if cache is not None:
-            mlp_branch = blend_merged(mlp_plan, mlp_branch, cache[1], cache_weight)
+        mlp_out = unmerge(mlp_plan, self.mlp(merge(mlp_plan, h)))
+        mlp_branch = gated_branch(gate_mlp, mlp_out, mlp_plan, cache, 1, cache_weight)
         x = x + mlp_branch
         return x, state, (attn_plan, mlp_plan), jnp.stack([attn_branch, mlp_branch])
 
