@@ -24,3 +24,17 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown {cls.family_name} config fields {unknown}; valid fields: {sorted(names)}")
         return cls(**d)
+
+
+class PatchGridConfig(ModelConfig):
+    """A diffusion-transformer config (fields input_size, patch_size): the token grid they make."""
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, columns) of patch tokens, row-major."""
+        side = self.input_size // self.patch_size
+        return side, side
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]

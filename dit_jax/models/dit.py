@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dit_jax.models.config import ModelConfig
+from dit_jax.models.config import PatchGridConfig
 
 from dit_jax.nn.attention import Attention, merged_self_attention
 from dit_jax.nn.layers import Mlp, layer_norm, modulate, sincos_pos_embed_2d, timestep_embedding
@@ -30,7 +30,7 @@ class Buffer(nnx.Variable):
 
 
 @dataclasses.dataclass(frozen=True)
-class DiTConfig(ModelConfig):
+class DiTConfig(PatchGridConfig):
     family_name = "DiT"
 
     input_size: int = 32  # latent (or pixel) side: 32 for 256 px, 64 for 512 px
@@ -47,15 +47,6 @@ class DiTConfig(ModelConfig):
     @property
     def out_channels(self) -> int:
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        side = self.input_size // self.patch_size
-        return side, side
-
-    @property
-    def num_tokens(self) -> int:
-        return self.grid[0] * self.grid[1]
 
     @property
     def null_class(self) -> int:

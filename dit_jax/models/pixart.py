@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dit_jax.models.config import ModelConfig
+from dit_jax.models.config import PatchGridConfig
 
 from dit_jax.models.dit import DiT, PatchEmbed, TimestepEmbedder, _linear, gated_branch
 from dit_jax.nn.attention import MultiHeadAttention, merged_self_attention
@@ -48,7 +48,7 @@ FINAL_NORM_EPS = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
-class PixArtConfig(ModelConfig):
+class PixArtConfig(PatchGridConfig):
     family_name = "PixArt"
 
     input_size: int = 128  # latent side (diffusers' sample_size): 128 for 1024 px, 64 for 512 px
@@ -74,15 +74,6 @@ class PixArtConfig(ModelConfig):
         if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
             raise ValueError(f"interpolation_scale must be a number, got {scale!r}")
         object.__setattr__(self, "interpolation_scale", float(scale))
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        side = self.input_size // self.patch_size
-        return side, side
-
-    @property
-    def num_tokens(self) -> int:
-        return self.grid[0] * self.grid[1]
 
     @property
     def learn_sigma(self) -> bool:
