@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -69,6 +70,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             t = t.float()
         out[name] = t.numpy()
     return out
+
+
+def output_taken(out: Path, force: bool) -> bool:
+    """True (and the error printed) when a converter's OUT exists and --force was not given."""
+    if out.exists() and not force:
+        print(f"error: {out} exists; pass --force to overwrite it", file=sys.stderr)
+        return True
+    return False
 
 
 def check_state_dict(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.common import ConversionError, check_state_dict, read_state_dict, torch_conv, torch_linear
+from convert.common import ConversionError, check_state_dict, output_taken, read_state_dict, torch_conv, torch_linear
 from dit_jax.models.dit import VARIANTS, DiTConfig
 
 # (depth, hidden) -> heads for the paper's variants; other widths need --num-heads.
@@ -247,8 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     out = Path(args.out)
-    if out.exists() and not args.force:
-        print(f"error: {out} exists; pass --force to overwrite it", file=sys.stderr)
+    if output_taken(out, args.force):
         return 2
     start = time.perf_counter()
     try:

@@ -23,7 +23,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from convert.common import DIFFUSERS_WEIGHT_FILES, ConversionError, open_weights_dir
+from convert.common import DIFFUSERS_WEIGHT_FILES, ConversionError, open_weights_dir, output_taken
 from convert.pixart_transformer import convert_pixart_transformer, infer_pixart_config
 from convert.t5 import convert_t5, read_t5_dir
 
@@ -141,8 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     out = Path(args.out)
-    if out.exists() and not args.force:
-        print(f"error: {out} exists; pass --force to overwrite it", file=sys.stderr)
+    if output_taken(out, args.force):
         return 2
     start = time.perf_counter()
     try:

@@ -36,14 +36,31 @@ TOKENIZER_DIR = "tokenizer"
 FAMILIES = ("dit", "pixart")
 
 
-def _model_config_class(family: str):
-    if family == "dit":
-        return DiTConfig
-    if family == "pixart":
-        from dit_jax.models.pixart import PixArtConfig
+@functools.lru_cache(maxsize=1)
+def _family_classes() -> dict[str, tuple[type, type]]:
+    """family -> (config class, model class); PixArt imported on first use."""
+    from dit_jax.models.pixart import PixArt, PixArtConfig
 
-        return PixArtConfig
-    raise ValueError(f"unknown model family {family!r}; this version knows {', '.join(FAMILIES)}")
+    return {"dit": (DiTConfig, DiT), "pixart": (PixArtConfig, PixArt)}
+
+
+def _config_class(family: str) -> type:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; this version knows {', '.join(FAMILIES)}")
+    return _family_classes()[family][0]
+
+
+def family_of(config) -> str:
+    """The family of a diffusion-transformer config ("dit" or "pixart")."""
+    for family, (config_class, _) in _family_classes().items():
+        if isinstance(config, config_class):
+            return family
+    raise TypeError(f"{type(config).__name__} is not the config of a known family ({', '.join(FAMILIES)})")
+
+
+def model_class(config):
+    """The NNX module class of a diffusion-transformer config (DiT or PixArt)."""
+    return _family_classes()[family_of(config)][1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +80,7 @@ class BundleConfig:
 
     @property
     def family(self) -> str:
-        return "dit" if isinstance(self.dit, DiTConfig) else "pixart"
+        return family_of(self.dit)
 
     @property
     def text_conditioned(self) -> bool:
@@ -107,7 +124,7 @@ class BundleConfig:
             text_encoder = T5Config.from_dict(d["text_encoder"])
         names = d.get("class_names")
         return cls(
-            dit=_model_config_class(d.get("family", "dit")).from_dict(d["dit"]),
+            dit=_config_class(d.get("family", "dit")).from_dict(d["dit"]),
             vae=vae,
             class_names=None if names is None else tuple(names),
             info_json=json.dumps(d.get("info", {}), sort_keys=True),
@@ -129,17 +146,6 @@ class Weights:
     @property
     def dtype(self):
         return jax.tree.leaves(self.dit)[0].dtype
-
-
-def model_class(config):
-    """The NNX module class of a diffusion-transformer config (DiT or PixArt)."""
-    if isinstance(config, DiTConfig):
-        return DiT
-    from dit_jax.models.pixart import PixArt, PixArtConfig
-
-    if isinstance(config, PixArtConfig):
-        return PixArt
-    raise TypeError(f"no model for a {type(config).__name__}")
 
 
 @functools.lru_cache(maxsize=None)
