@@ -48,14 +48,16 @@ def write_png(path: Path, image: np.ndarray, metadata: dict[str, str]) -> None:
 def _methods(args) -> list[tuple[str, object]]:
     methods: list[tuple[str, object]] = [("baseline", False)]
     if args.sdtm:
-        settings = {"plan_every": args.plan_every, "protect_every": args.protect_every, "cache_weight": args.cache_weight}
+        settings = {"plan_every": args.plan_every, "protect_every": args.protect_every, "cache_weight": args.cache_weight,
+                    "proportional_attention": args.proportional_attention}
         if args.ratio is not None:
             settings["ratio"] = args.ratio
         if args.switch_step is not None:
             settings["switch_step"] = args.switch_step
         methods.append(("sdtm", sdtm_lib.SDTMConfig(**settings)))
     if args.tome is not None:
-        methods.append((f"tome {args.tome}", sdtm_lib.ToMeConfig(ratio=args.tome)))
+        methods.append((f"tome {args.tome}", sdtm_lib.ToMeConfig(
+            ratio=args.tome, proportional_attention=args.proportional_attention)))
     if args.no_baseline and len(methods) > 1:
         methods = methods[1:]
     return methods
@@ -78,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--protect-every", type=int, help="SDTM: a full-resolution step every K steps (official release: 3)")
     ap.add_argument("--cache-weight", type=float, default=1.0,
                     help="SDTM: merged tokens' share of their own output against the protected steps' (release: 0.1)")
+    ap.add_argument("--proportional-attention", action="store_true",
+                    help="SDTM and ToMe: merged attention keys weigh as many as the tokens they hold (log group size)")
     ap.add_argument("--tome", type=float, metavar="RATIO", help="add a row with ToMe merging this fraction")
     ap.add_argument("--no-baseline", action="store_true", help="skip the baseline row")
     ap.add_argument("--compile-cache", metavar="DIR", help="persistent compilation cache folder (reused across runs)")

@@ -27,6 +27,11 @@ def _check_plan_every(value) -> None:
         raise ValueError(f"plan_every must be an int >= 1 (1: a plan per block), got {value!r}")
 
 
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
 def _check_number(name: str, value, low: float, high: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a number, got {value!r}")
@@ -57,6 +62,9 @@ class SDTMConfig:
         MLP outputs; on the other steps a merged token's output becomes cache_weight * its own +
         (1 - cache_weight) * that cache (the release's sample.py: 3 and 0.1). The cache holds
         depth * 2 * batch * N * hidden numbers (2.1 GB in bf16 for DiT-XL/2 at 512 px, batch 16).
+    proportional_attention: ToMe's proportional attention, off by default: in the structure
+        stage a merged attention key's logit gains log(its group size), so a window merged into
+        one key draws the attention its tokens drew together (exactly so when they were equal).
     prompt_weight: (structure stage, detail stage) weights of the prompt in text-conditioned
         models: each block's cross-attention branch is multiplied by the stage's weight (the
         paper's prompt reweighting, whose formula is not published; see dit_jax.models.pixart).
@@ -76,6 +84,7 @@ class SDTMConfig:
     plan_every: int = 1
     protect_every: int | None = None
     cache_weight: float = 1.0
+    proportional_attention: bool = False
     prompt_weight: tuple[float, float] = (1.0, 1.0)
 
     def __post_init__(self):
@@ -105,6 +114,7 @@ class SDTMConfig:
         if self.frequency is not None and self.frequency not in FREQUENCY_MODES:
             raise ValueError(f"frequency must be one of {FREQUENCY_MODES} or None, got {self.frequency!r}")
         _check_plan_every(self.plan_every)
+        _check_flag("proportional_attention", self.proportional_attention)
         if self.protect_every is not None and (
             isinstance(self.protect_every, bool) or not isinstance(self.protect_every, int) or self.protect_every < 1
         ):
@@ -157,6 +167,8 @@ class ToMeConfig:
     window: (height, width) holding one destination each.
     random: random destination per window (shared by the batch), else the top-left token.
     plan_every: as in SDTMConfig: a plan built every plan_every blocks, reused in between.
+    proportional_attention: add log(group size) to merged keys' attention logits (ToMe's
+        proportional attention; ToMe for SD leaves it off, so does this default).
     """
 
     ratio: float = 0.5
@@ -165,10 +177,12 @@ class ToMeConfig:
     window: tuple[int, int] = (2, 2)
     random: bool = True
     plan_every: int = 1
+    proportional_attention: bool = False
 
     def __post_init__(self):
         _check_number("ratio", self.ratio, 0.0, 1.0)
         _check_plan_every(self.plan_every)
+        _check_flag("proportional_attention", self.proportional_attention)
         object.__setattr__(self, "window", _check_window(self.window))
         k = self.window[0] * self.window[1]
         if self.ratio > 1 - 1 / k:

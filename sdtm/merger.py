@@ -110,6 +110,10 @@ class BatchParallel:
     def plan_every(self) -> int:
         return getattr(self.inner, "plan_every", 1)
 
+    @property
+    def proportional_attention(self) -> bool:
+        return getattr(self.inner, "proportional_attention", False)
+
     def build(self, metric, state, *, grid, key_attention=None):
         devices = self.mesh.shape[self.axis]
         batch = metric.shape[0]

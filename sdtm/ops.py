@@ -88,6 +88,12 @@ def unmerge(plan: MergePlan | None, y: jax.Array) -> jax.Array:
     return _take_tokens(y, plan.token_slot)
 
 
+def log_group_size(plan: MergePlan) -> jax.Array:
+    """float32 [B, M]: log of the number of tokens in every slot (0 for a token alone), the
+    bias ToMe's proportional attention adds to a merged key's logits."""
+    return -jnp.log(plan.slot_scale)
+
+
 def identity_plan(batch: int, num_tokens: int) -> MergePlan:
     """The plan with merge_count 0: merge and unmerge return their input."""
     tokens = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch, num_tokens))

@@ -189,7 +189,8 @@ def _merger(config: SDTMConfig, name: str, count: int) -> BlockMerger:
         return NoMerger()
     if name == "ssm":
         return SSMMerger(
-            count, window=config.window, a_s=config.a_s, frequency=config.frequency, plan_every=config.plan_every
+            count, window=config.window, a_s=config.a_s, frequency=config.frequency, plan_every=config.plan_every,
+            proportional_attention=config.proportional_attention,
         )
     return IDMMerger(
         count, window=config.window, a_d=config.a_d, frequency=config.frequency, score=config.idm_score,
@@ -216,6 +217,7 @@ def schedule(
         merger = ToMeMerger(
             count, window=config.window, random=config.random,
             merge_attn=config.merge_attn, merge_mlp=config.merge_mlp, plan_every=config.plan_every,
+            proportional_attention=config.proportional_attention,
         )
         return [Phase(0, steps, "tome", count, merger)]
     if isinstance(config, SDTMConfig):

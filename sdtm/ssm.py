@@ -102,6 +102,7 @@ class SSMMerger:
     frequency: str | None = "independent"
 
     plan_every: int = 1  # blocks sharing one plan (see SDTMConfig.plan_every)
+    proportional_attention: bool = False  # merged keys' logits + log(group size)
 
     needs_key_attention = False
 

@@ -74,6 +74,7 @@ class ToMeMerger:
     merge_mlp: bool = False
 
     plan_every: int = 1  # blocks sharing one plan (see SDTMConfig.plan_every)
+    proportional_attention: bool = False  # merged keys' logits + log(group size)
 
     needs_key_attention = False
 

@@ -68,7 +68,8 @@ def test_one_compilation_per_configuration(weights):
 
 
 @pytest.mark.parametrize("method", [True, sdtm.ToMeConfig(ratio=0.5),
-                                    sdtm.SDTMConfig(idm_score="frequency", frequency="merged")])
+                                    sdtm.SDTMConfig(idm_score="frequency", frequency="merged"),
+                                    sdtm.SDTMConfig(proportional_attention=True, plan_every=2)])
 def test_merging_runs_end_to_end(weights, method):
     out = sample(weights, ["sneaker", "bag"], sdtm=method, steps=6)
     assert out.shape == (2, 8, 8, 4) and out.dtype == np.uint8  # pixel-space bundle: uint8 of x_0

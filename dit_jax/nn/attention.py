@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sdtm.merger import BlockMerger, MergeState
-from sdtm.ops import merge, unmerge
+from sdtm.ops import log_group_size, merge, unmerge
 
 # "auto": cuDNN's fused flash attention on GPUs for bf16/fp16 (jax's own default is XLA's
 # unfused attention), XLA elsewhere. "xla" or "cudnn" force one; read when a function is traced.
@@ -36,6 +36,17 @@ def _implementation(dtype) -> str | None:
         fused = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
         return "cudnn" if fused else None
     return None if _IMPLEMENTATION == "xla" else _IMPLEMENTATION
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """q (B, N, h, d), k and v (B, S, h, d), bias broadcastable to (B, h, N, S) or None -> (B, N, h, d)."""
+    implementation = _implementation(q.dtype)
+    if bias is not None:
+        bias = bias.astype(q.dtype)
+        if implementation == "cudnn":  # cuDNN checks the bias' query and key lengths
+            b, n, s = q.shape[0], q.shape[1], k.shape[1]
+            bias = jnp.broadcast_to(bias, (b, bias.shape[1], n, s))
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation)
 
 
 # Queries sampled to estimate how much attention each key receives (IDM's attention score).
@@ -66,12 +77,13 @@ class Attention(nnx.Module):
         self.qkv = nnx.Linear(dim, 3 * dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.proj = nnx.Linear(dim, dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-    def __call__(self, x: jax.Array, *, with_key_attention: bool = False):
-        """x (B, N, D) -> (B, N, D); with `with_key_attention` also the (B, N) key-attention score."""
+    def __call__(self, x: jax.Array, bias: jax.Array | None = None, *, with_key_attention: bool = False):
+        """x (B, N, D) -> (B, N, D); with `with_key_attention` also the (B, N) key-attention score.
+        bias: additive logits, broadcastable to (B, heads, N, N)."""
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, h, hd)
-        out = jax.nn.dot_product_attention(q, k, v, implementation=_implementation(q.dtype)).reshape(b, n, d)
+        out = _attention(q, k, v, bias).reshape(b, n, d)
         out = self.proj(out)
         if with_key_attention:
             return out, key_attention(q, k)
@@ -108,13 +120,7 @@ class MultiHeadAttention(nnx.Module):
         q = self.q(x).reshape(b, n, self.num_heads, head_dim)
         k = self.k(context).reshape(b, s, self.num_heads, head_dim)
         v = self.v(context).reshape(b, s, self.num_heads, head_dim)
-        implementation = _implementation(q.dtype)
-        if bias is not None:
-            bias = bias.astype(q.dtype)
-            if implementation == "cudnn":  # cuDNN checks the bias' query and key lengths
-                bias = jnp.broadcast_to(bias, (b, bias.shape[1], n, s))
-        out = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation)
-        out = self.proj(out.reshape(b, n, d))
+        out = self.proj(_attention(q, k, v, bias).reshape(b, n, d))
         if with_key_attention:
             return out, key_attention(q, k)
         return out
@@ -132,6 +138,7 @@ def merged_self_attention(
     mlp_plan), state).
 
     plans: reuse these (built by an earlier block, `plan_every`) instead of asking the merger.
+    A merger with `proportional_attention` set adds log(group size) to merged keys' logits.
     A merger that ranks tokens by the attention they receive (IDM) gets it from a full
     self-attention, and may then merge the MLP input only.
     """
@@ -147,4 +154,7 @@ def merged_self_attention(
         return out, (attn_plan, mlp_plan), state
     else:
         attn_plan, mlp_plan, state = merger.build(h, state, grid=grid)
-    return unmerge(attn_plan, attn(merge(attn_plan, h))), (attn_plan, mlp_plan), state
+    bias = None
+    if attn_plan is not None and getattr(merger, "proportional_attention", False):
+        bias = log_group_size(attn_plan)[:, None, None, :]  # (B, 1, 1, M): a merged key counts its group
+    return unmerge(attn_plan, attn(merge(attn_plan, h), bias=bias)), (attn_plan, mlp_plan), state

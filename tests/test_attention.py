@@ -1,0 +1,90 @@
+"""dit_jax.nn.attention: attention under a merging strategy, proportional attention, the key-attention score."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import sdtm
+from dit_jax.nn.attention import Attention, MultiHeadAttention, key_attention, merged_self_attention
+from sdtm import SDTMConfig, SSMMerger, ToMeConfig, ToMeMerger
+
+GRID = (8, 8)
+DIM, HEADS = 32, 4
+
+
+def window_constant_tokens(batch: int = 2, seed: int = 0) -> jax.Array:
+    """(B, 64, DIM): every 2x2 window of the 8x8 grid holds four copies of one random token."""
+    per_window = jax.random.normal(jax.random.key(seed), (batch, 4, 4, DIM))
+    grid = jnp.repeat(jnp.repeat(per_window, 2, axis=1), 2, axis=2)  # (B, 8, 8, DIM)
+    return grid.reshape(batch, 64, DIM)
+
+
+def attention_module(kind: str) -> nnx.Module:
+    if kind == "dit":
+        return Attention(DIM, HEADS, rngs=nnx.Rngs(0))
+    return MultiHeadAttention(DIM, HEADS, rngs=nnx.Rngs(0), dtype=jnp.float32)
+
+
+def run(attn, h, merger):
+    state = sdtm.init_state(h.shape[0], h.shape[1], jax.random.key(3))
+    out, plans, _ = merged_self_attention(attn, h, merger, state, GRID)
+    return out, plans
+
+
+@pytest.mark.parametrize("kind", ["dit", "pixart"])
+@pytest.mark.parametrize("merger", [SSMMerger(30, proportional_attention=True),
+                                    ToMeMerger(40, random=False, proportional_attention=True)])
+def test_proportional_attention_is_exact_on_equal_groups(kind, merger):
+    """A group of equal keys merged into one, with log(group size) on its logits, draws the
+    attention the group drew: the merged attention equals full attention on every token."""
+    attn = attention_module(kind)
+    h = window_constant_tokens()
+    full = attn(h)
+    out, (attn_plan, _) = run(attn, h, merger)
+    assert attn_plan.merge_count == merger.merge_count
+    np.testing.assert_allclose(out, full, rtol=1e-5, atol=1e-5)
+    # Without the bias the merged keys are under-weighted, and the output moves.
+    plain = run(attn, h, type(merger)(merger.merge_count, **({"random": False} if isinstance(merger, ToMeMerger) else {})))[0]
+    assert float(jnp.max(jnp.abs(plain - full))) > 1e-3
+
+
+def test_bias_is_log_group_size_per_key():
+    h = window_constant_tokens(batch=1)
+    plan = sdtm.ssm_plan(h, 9, grid=GRID)  # three windows of four tokens
+    bias = sdtm.ops.log_group_size(plan)
+    sizes = np.round(np.exp(np.asarray(bias))).astype(int)[0]
+    assert sorted(sizes.tolist()) == [1] * (64 - 12) + [4] * 3
+    np.testing.assert_allclose(np.asarray(bias)[0][sizes == 4], np.log(4.0), rtol=1e-6)
+
+
+def test_configs_carry_the_option_to_their_mergers():
+    phases = sdtm.schedule(SDTMConfig(proportional_attention=True), 10, 64, grid=GRID)
+    ssm = [p.merger for p in phases if p.strategy == "ssm"]
+    assert ssm and all(m.proportional_attention for m in ssm)
+    assert not any(p.merger.proportional_attention for p in sdtm.schedule(SDTMConfig(), 10, 64, grid=GRID)
+                   if p.strategy == "ssm")
+    (tome,) = sdtm.schedule(ToMeConfig(proportional_attention=True), 10, 64, grid=GRID)
+    assert tome.merger.proportional_attention
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    assert sdtm.BatchParallel(tome.merger, mesh).proportional_attention
+
+
+@pytest.mark.parametrize("config", [SDTMConfig, ToMeConfig])
+def test_option_must_be_a_bool(config):
+    with pytest.raises(ValueError, match="proportional_attention must be True or False"):
+        config(proportional_attention="yes")
+
+
+def test_key_attention_is_the_mean_probability_each_key_receives():
+    q = jax.random.normal(jax.random.key(0), (2, 64, HEADS, 8))
+    k = jax.random.normal(jax.random.key(1), (2, 64, HEADS, 8))
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(8.0)
+    exact = jax.nn.softmax(logits, axis=-1).mean(axis=(1, 2))  # every query
+    np.testing.assert_allclose(key_attention(q, k, num_queries=64), exact, rtol=1e-5)
+    strided = key_attention(q, k, num_queries=16)  # every 4th query
+    np.testing.assert_allclose(strided, jax.nn.softmax(logits[:, :, ::4], axis=-1).mean(axis=(1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(strided.sum(axis=1), 1.0, rtol=1e-5)
