@@ -13,7 +13,9 @@ Random weights (speed does not depend on their values). Every strategy is compil
 time reported apart), then the strategies run interleaved, `repeats` rounds, and the table gives
 the median / min / max run time and the speed-up against the baseline of the same run. Latent
 models are timed without the VAE. FLOPs are counted from the config and the merge counts (matmul
-and attention FLOPs); XLA's own count is shown where it has one.
+and attention FLOPs); XLA's own count is shown where it has one. `--profile` then traces each
+strategy and splits its op time by region (attention, MLP, merge plans, merge, unmerge, IDM's key
+attention, other; dit_jax.profiling): where a merged forward's time goes.
 """
 
 from __future__ import annotations
@@ -36,13 +38,28 @@ from flax import nnx
 import sdtm as sdtm_lib
 from dit_jax.models import dit as dit_models
 from dit_jax.models.dit import DiTConfig
-from dit_jax.nn.attention import attention_implementation
+from dit_jax.nn.attention import IMPLEMENTATIONS, attention_implementation
 from dit_jax.pipeline import FAMILY_DEFAULTS, _run, prepare
+from dit_jax.profiling import OTHER, REGIONS, profile_regions
 from dit_jax.weights import BundleConfig, Weights, dit_module, model_class, use_compilation_cache
 
 MODES = ("sample", "forward", "merge")
 # Dense bf16 tensor-core peaks (vendor datasheets, SXM parts), for the share-of-peak column.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+@dataclasses.dataclass
+class Case:
+    """One timed strategy: `run()` makes one call of the compiled function."""
+
+    name: str
+    run: Callable[[], object]
+    compile_s: float
+    attn_share: float  # share of the attention token passes left
+    mlp_share: float
+    flops: float  # counted from the config, per call
+    xla_flops: float | None
+    compiled: object | None = None  # the XLA executable (None for PyTorch), for --profile
 
 
 @dataclasses.dataclass
@@ -82,7 +99,7 @@ def parse_strategy(text: str):
     """NAME[:RATIO][*EVERY][/ATTENTION] -> what `sample(sdtm=...)` takes, or ("ssm"|"idm", config).
 
     NAME: baseline, sdtm, tome, or (forward and merge modes only) ssm / idm, one stage at a fixed
-    ratio; EVERY: blocks sharing one plan (plan_every); ATTENTION: xla or cudnn (see attention_of).
+    ratio; EVERY: blocks sharing one plan (plan_every); ATTENTION: xla, cudnn or chunked (see attention_of).
     A trailing "+unrolled" runs the blocks as a Python loop instead of a scan (see unrolled).
     """
     text = text.partition("+")[0].partition("/")[0]
@@ -211,8 +228,8 @@ def unrolled(text: str) -> bool:
 def attention_of(text: str) -> str:
     """The attention implementation a strategy names after "/" (default "auto")."""
     name = text.partition("+")[0].partition("/")[2] or "auto"
-    if name not in ("auto", "xla", "cudnn"):
-        raise ValueError(f"{text}: attention implementation must be xla or cudnn after '/'")
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"{text}: attention implementation after '/' must be one of {', '.join(IMPLEMENTATIONS[1:])}")
     return name
 
 
@@ -234,7 +251,7 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def build_sample_cases(weights: Weights, strategies: list[str], args) -> list[tuple[str, Callable, float, float, float, float, float | None]]:
+def build_sample_cases(weights: Weights, strategies: list[str], args) -> list[Case]:
     cfg = weights.config.dit
     cases = []
     for text in strategies:
@@ -263,8 +280,8 @@ def build_sample_cases(weights: Weights, strategies: list[str], args) -> list[tu
             mlp_share += m * phase.num_steps
             flops += forward_flops(cfg, a, m) * phase.num_steps * model_batch
         total = cfg.num_tokens * plan.sampler.num_steps
-        cases.append((text, lambda c=compiled, a=call_args: c(*a), compile_s, attn_share / total,
-                      mlp_share / total, flops, _xla_flops(compiled)))
+        cases.append(Case(text, lambda c=compiled, a=call_args: c(*a), compile_s, attn_share / total,
+                          mlp_share / total, flops, _xla_flops(compiled), compiled))
     return cases
 
 
@@ -293,8 +310,8 @@ def build_forward_cases(weights: Weights, strategies: list[str], args):
             continue
         compile_s = time.perf_counter() - start
         a, m = (n, n) if phase is None else phase_tokens(phase, n)
-        cases.append((text, lambda c=compiled: c(weights, stacked, x, t, y), compile_s, a / n, m / n,
-                      forward_flops(cfg, a, m) * args.batch, _xla_flops(compiled)))
+        cases.append(Case(text, lambda c=compiled: c(weights, stacked, x, t, y), compile_s, a / n, m / n,
+                          forward_flops(cfg, a, m) * args.batch, _xla_flops(compiled), compiled))
     if args.torch:
         cases.append(torch_case(weights, x, t, y, args))
     return cases
@@ -335,7 +352,7 @@ def build_merge_cases(weights: Weights, strategies: list[str], args):
         start = time.perf_counter()
         compiled = fn.lower(x).compile()
         compile_s = time.perf_counter() - start
-        cases.append((text, lambda c=compiled: c(x), compile_s, 1.0, 1.0, 0.0, _xla_flops(compiled)))
+        cases.append(Case(text, lambda c=compiled: c(x), compile_s, 1.0, 1.0, 0.0, _xla_flops(compiled), compiled))
     return cases
 
 
@@ -367,7 +384,7 @@ def torch_case(weights: Weights, x, t, y, args):
     run()  # warm-up: cuDNN/cuBLAS handles, kernel selection
     warm_s = time.perf_counter() - start
     n = cfg.num_tokens
-    return ("torch (diffusers)", run, warm_s, 1.0, 1.0, forward_flops(cfg, n, n) * args.batch, None)
+    return Case("torch (diffusers)", run, warm_s, 1.0, 1.0, forward_flops(cfg, n, n) * args.batch, None)
 
 
 def device_peak() -> float | None:
@@ -378,19 +395,35 @@ def device_peak() -> float | None:
     return None
 
 
-def run_cases(cases, repeats: int, warmup: int = 1) -> list[Result]:
-    for _, fn, *_ in cases:
+def run_cases(cases: list[Case], repeats: int, warmup: int = 1) -> list[Result]:
+    for case in cases:
         for _ in range(warmup):
-            _timed(fn)
-    times = {name: [] for name, *_ in cases}
+            _timed(case.run)
+    times = {case.name: [] for case in cases}
     for _ in range(repeats):  # interleaved: every strategy once per round
-        for name, fn, *_ in cases:
-            times[name].append(_timed(fn))
-    results = [Result(name, c, times[name], a, m, f, xf) for name, _, c, a, m, f, xf in cases]
+        for case in cases:
+            times[case.name].append(_timed(case.run))
+    results = [Result(c.name, c.compile_s, times[c.name], c.attn_share, c.mlp_share, c.flops, c.xla_flops)
+               for c in cases]
     base = results[0].median_s
     for r in results:
         r.speedup = base / r.median_s
     return results
+
+
+def print_profiles(rows: list[dict]) -> None:
+    """Op time per call by region (dit_jax.profiling), ms and share of the profiled total."""
+    names = (*REGIONS, OTHER)
+    print(f"# profile: op time per call, ms (share of the traced op time; {OTHER}: norms, modulation, residuals, "
+          "sampler, copies)")
+    print(f"{'strategy':<18} {'traced ms':>9} " + " ".join(f"{n:>13}" for n in names))
+    for row in rows:
+        profile = row.get("profile_s")
+        if profile is None:
+            continue
+        total = sum(profile.values())
+        cells = " ".join(f"{1e3 * profile[n]:>7.2f} {100 * profile[n] / total if total else 0:>4.0f}%" for n in names)
+        print(f"{row['strategy']:<18} {1e3 * total:>9.2f} {cells}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -409,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--torch", action="store_true", help="forward mode: add diffusers' DiT on the same hardware")
     ap.add_argument("--compile-cache", metavar="DIR", help="persistent compilation cache folder (reused across runs)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after timing, profile each strategy: op time per region (attention, MLP, merge plans, ...)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
 
@@ -456,6 +491,10 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     rows = [r.row(peak) for r in results]
+    if args.profile:
+        for case, row in zip(cases, rows):
+            if case.compiled is not None:
+                row["profile_s"] = profile_regions(case.compiled, (), call=case.run)
     print(f"# {args.mode} {args.variant} {cfg.num_tokens} tokens, batch {args.batch}, {args.dtype}, "
           f"{header['device']}, jax {jax.__version__}" + (f", {args.steps} {args.sampler} steps" if args.mode == "sample" else ""))
     print(f"{'strategy':<18} {'compile s':>9} {'median s':>10} {'min s':>9} {'max s':>9} {'speed-up':>8} "
@@ -468,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
         if peak:
             line += f" {100 * row['share_of_peak']:5.1f}"
         print(line)
+    if args.profile:
+        print_profiles(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": header, "results": rows}, f, indent=2)

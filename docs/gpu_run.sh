@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
-# The one prepared GPU call: trains the embedded default (Fashion-MNIST DiT) and times DiT-XL/2
-# (baseline, SDTM, ToMe, and diffusers/PyTorch) on the card, writing logs and results to $OUT.
+# The one prepared GPU call: times DiT-XL/2 (baseline, SDTM, ToMe, diffusers/PyTorch) and
+# PixArt-XL/2 at 1024 px on the card, writing logs and JSON results to $OUT, a table last.
 #   bash docs/gpu_run.sh            (on the GPU machine, from the repository root)
-# Needs: .whl/ (flax, orbax-checkpoint, diffusers wheels) and .data/fashion-mnist/ carried along.
+# Needs .whl/ (orbax-checkpoint and diffusers wheels, for the PyTorch comparison) carried along;
+# TRAIN_SECONDS>0 also trains the embedded default (then .data/fashion-mnist/ must come too).
+# A CPU dry run: VARIANT=DiT-S/2 PIXART=PixArt-alpha-XL/2-256 BENCH_EXTRA="--depth 1" REPEATS=2 bash docs/gpu_run.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
-TRAIN_SECONDS=${TRAIN_SECONDS:-240}
-VARIANT=${VARIANT:-DiT-XL/2}  # a smaller VARIANT and BENCH_EXTRA="--depth 1" make a CPU dry run
+TRAIN_SECONDS=${TRAIN_SECONDS:-0}
+VARIANT=${VARIANT:-DiT-XL/2}
+PIXART=${PIXART:-PixArt-alpha-XL/2-1024}
 BENCH_EXTRA=${BENCH_EXTRA:-}
+REPEATS=${REPEATS:-10}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.7
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.8
 start=$(date +%s)
 stamp() { echo "== $(( $(date +%s) - start ))s: $*"; }
 
 stamp "machine"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>/dev/null
 rm -rf /tmp/site
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -22,7 +26,7 @@ if [ -d .whl ]; then
 else
   export PYTHONPATH=$PWD
 fi
-python3 -c "import jax, flax, torch; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'torch', torch.__version__)" || exit 1
+python3 -c "import jax, flax; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__)" || exit 1
 
 if [ "$TRAIN_SECONDS" -gt 0 ]; then
   stamp "train the embedded default for ${TRAIN_SECONDS}s"
@@ -33,23 +37,27 @@ if [ "$TRAIN_SECONDS" -gt 0 ]; then
   fi
 fi
 
-bench() {  # name, then bench arguments
+bench() {  # name, then bench arguments; each call at most 240 s
   local name=$1; shift
-  stamp "bench $name"
-  timeout 300 python3 -m dit_jax.bench "$@" --json "$OUT/bench-$name.json" 2>&1 | grep -v Warning | tee -a "$OUT/bench.log"
+  stamp "bench $name: $*"
+  timeout 240 python3 -m dit_jax.bench "$@" --json "$OUT/bench-$name.json" 2>&1 | grep -v Warning | tee -a "$OUT/bench.log"
 }
-FORWARD=${FORWARD:-baseline,baseline/xla,baseline+unrolled,ssm:0.5,ssm:0.5*4,idm:0.5,idm:0.5*4,tome:0.5,tome:0.5*4}
-SAMPLE=${SAMPLE:-baseline,sdtm,sdtm*4,tome:0.5}
-for px in ${RESOLUTIONS:-256 512}; do
-  bench "fwd$px" forward --variant "$VARIANT" $BENCH_EXTRA --image-size "$px" --batch 8 --dtype bfloat16 \
-    --strategies "$FORWARD" --repeats "${REPEATS:-20}" --torch
+# One forward of DiT-XL/2 at 512 px (batch 8): where merging pays and where it does not (--profile:
+# kernel time per region: attention, MLP, merge plans, merge, unmerge), and PyTorch.
+bench fwd512 forward --variant "$VARIANT" $BENCH_EXTRA --image-size 512 --batch 8 --dtype bfloat16 --repeats "$REPEATS" \
+  --strategies "baseline,ssm:0.5,ssm:0.5*4,idm:0.5,idm:0.5*4,tome:0.5,tome:0.5*4" --torch --profile
+bench fwd256 forward --variant "$VARIANT" $BENCH_EXTRA --image-size 256 --batch 8 --dtype bfloat16 --repeats "$REPEATS" \
+  --strategies "baseline,ssm:0.5,tome:0.5" --torch
+# Merge plans + merge/unmerge alone for the 28 blocks of one forward (the overhead share).
+bench merge512 merge --variant "$VARIANT" $BENCH_EXTRA --image-size 512 --batch 8 --dtype bfloat16 --repeats "$REPEATS" \
+  --strategies "ssm:0.5,ssm:0.5*4,idm:0.5,idm:0.5*4,tome:0.5"
+# The whole sampler, 20 DDIM steps with guidance, batch 1, 8 and 32.
+for batch in ${BATCHES:-8 1 32}; do
+  bench "sample512-b$batch" sample --variant "$VARIANT" $BENCH_EXTRA --image-size 512 --batch "$batch" --dtype bfloat16 \
+    --strategies "${SAMPLE:-baseline,sdtm,sdtm*4,tome:0.5}" --steps 20 --repeats "${SAMPLE_REPEATS:-3}"
 done
-for px in ${SAMPLE_RESOLUTIONS:-512}; do
-  bench "sample$px" sample --variant "$VARIANT" $BENCH_EXTRA --image-size "$px" --batch 8 --dtype bfloat16 \
-    --strategies "$SAMPLE" --steps 20 --repeats "${SAMPLE_REPEATS:-5}"
-done
-stamp "samples from the shipped model in bf16 on the GPU (attention: auto)"
-timeout 120 python3 -m dit_jax.sample "T-shirt/top" trouser pullover dress coat sandal shirt sneaker bag "ankle boot" \
-  --bf16 --sdtm --tome 0.5 --out "$OUT/gpu-samples.png" 2>&1 | grep -v Warning
+# PixArt at 1024 px (4,096 image tokens), 20 DPM-Solver++ steps with guidance, random weights and text.
+bench pixart1024 sample --variant "$PIXART" $BENCH_EXTRA --batch 2 --dtype bfloat16 \
+  --strategies "${PIXART_SAMPLE:-baseline,sdtm,sdtm*4,tome:0.5}" --steps 20 --repeats "${SAMPLE_REPEATS:-3}"
 stamp "done"
 grep -E "^#|^[a-z]" "$OUT/bench.log" | grep -v "^wrote"

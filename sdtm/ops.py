@@ -56,6 +56,7 @@ def _take_tokens(x: jax.Array, index: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, index[..., None], axis=1)
 
 
+@jax.named_scope("merge")  # scope names mark regions for dit_jax.profiling
 def merge(plan: MergePlan | None, x: jax.Array) -> jax.Array:
     """Mean of every merged group: [B, N, C] -> [B, N - merge_count, C]. `None` is the identity.
 
@@ -81,6 +82,7 @@ def merge(plan: MergePlan | None, x: jax.Array) -> jax.Array:
     return mean.astype(x.dtype)
 
 
+@jax.named_scope("unmerge")
 def unmerge(plan: MergePlan | None, y: jax.Array) -> jax.Array:
     """Copy each slot's output back to all of its tokens: [B, M, C] -> [B, N, C]."""
     if plan is None:

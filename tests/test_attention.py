@@ -9,7 +9,15 @@ import pytest
 from flax import nnx
 
 import sdtm
-from dit_jax.nn.attention import Attention, MultiHeadAttention, key_attention, merged_self_attention
+from dit_jax.nn.attention import (
+    Attention,
+    MultiHeadAttention,
+    _attention,
+    attention_implementation,
+    chunked_attention,
+    key_attention,
+    merged_self_attention,
+)
 from sdtm import SDTMConfig, SSMMerger, ToMeConfig, ToMeMerger
 
 GRID = (8, 8)
@@ -88,3 +96,32 @@ def test_key_attention_is_the_mean_probability_each_key_receives():
     strided = key_attention(q, k, num_queries=16)  # every 4th query
     np.testing.assert_allclose(strided, jax.nn.softmax(logits[:, :, ::4], axis=-1).mean(axis=(1, 2)), rtol=1e-5)
     np.testing.assert_allclose(strided.sum(axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n, s, chunk", [(64, 64, 16), (50, 64, 16), (40, 7, 128)])
+@pytest.mark.parametrize("bias_shape", [None, "keys", "full"])
+def test_chunked_attention_equals_dot_product_attention(n, s, chunk, bias_shape):
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (2, n, HEADS, 8))
+    k, v = (jax.random.normal(kk, (2, s, HEADS, 8)) for kk in keys[1:3])
+    bias = None
+    if bias_shape == "keys":
+        bias = jax.random.normal(keys[3], (2, 1, 1, s))
+    elif bias_shape == "full":
+        bias = jax.random.normal(keys[3], (2, HEADS, n, s))
+    want = jax.nn.dot_product_attention(q, k, v, bias=bias)
+    got = chunked_attention(q, k, v, bias, chunk=chunk)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_uses_chunked_attention_unless_told_otherwise():
+    q = jax.random.normal(jax.random.key(0), (1, 300, 2, 8))
+    with attention_implementation("xla"):
+        xla = jax.jit(lambda q: _attention(q, q, q, None)).lower(q).as_text()
+    auto = jax.jit(lambda q: _attention(q, q, q, None)).lower(q).as_text()
+    assert jax.default_backend() == "cpu"
+    # Three blocks of QUERY_CHUNK (128) queries: three softmaxes, against one.
+    assert auto.count("stablehlo.exponential") == 3 and xla.count("stablehlo.exponential") == 1
+    with pytest.raises(ValueError, match="must be one of"):
+        with attention_implementation("flash"):
+            pass

@@ -17,6 +17,7 @@ class Mlp(nnx.Module):
         self.fc1 = nnx.Linear(dim, hidden, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.fc2 = nnx.Linear(hidden, dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
+    @jax.named_scope("mlp")  # a region of dit_jax.profiling
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
 

@@ -1,0 +1,111 @@
+"""Where a compiled call's time goes: device time per source region (attention, MLP, merge plans,
+merge, unmerge, ...), from one profiler trace.
+
+The model and the merging code mark their regions with `jax.named_scope` (names in `REGIONS`);
+XLA keeps the scope path in every instruction's metadata, fusions included. `profile_regions`
+runs a compiled function under `jax.profiler.trace`, reads the trace's per-op events (GPU
+kernels on a GPU, XLA's thunks on CPU), maps each op to its instruction's scope path, and adds
+the time up per region: the innermost region of the path wins (a merge inside the MLP region
+counts as merge). Ops outside every region (norms, modulation, residuals, the sampler's
+arithmetic, copies) are "other".
+
+    regions = profile_regions(compiled, args)   # {"attention": 0.0123, ..., "other": ...} seconds per call
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+
+import jax
+
+# Region names, as the code marks them with jax.named_scope.
+ATTENTION, MLP, PLAN, MERGE, UNMERGE, KEY_ATTENTION = (
+    "attention", "mlp", "merge_plan", "merge", "unmerge", "key_attention")
+REGIONS = (ATTENTION, MLP, PLAN, MERGE, UNMERGE, KEY_ATTENTION)
+OTHER = "other"
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?op_name=\"([^\"]*)\"")
+
+
+def instruction_regions(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> region, from a compiled module's text (`compiled.as_text()`)."""
+    regions = {}
+    for line in hlo_text.splitlines():
+        match = _INSTRUCTION.match(line)
+        if match:
+            regions[match.group(1)] = region_of(match.group(2))
+    return regions
+
+
+def region_of(op_name: str) -> str:
+    """The innermost region named in a scope path such as "jit(f)/while/body/mlp/merge/add"."""
+    for part in reversed(op_name.split("/")):
+        if part in REGIONS:
+            return part
+    return OTHER
+
+
+def module_name(hlo_text: str) -> str:
+    first = hlo_text.split("\n", 1)[0]
+    return first.split()[1].rstrip(",") if first.startswith("HloModule") else ""
+
+
+def _op_events(trace: dict | list, module: str) -> list[tuple[str, float]]:
+    """(instruction name, microseconds) of every op event of `module`; a GPU's kernel events
+    when the trace has them, else the host's (CPU thunks)."""
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    process = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+               if e.get("ph") == "M" and e.get("name") == "process_name"}
+    ops = [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})
+           and not e["name"].startswith("end: ") and e["args"].get("hlo_module", module) == module]
+    on_device = [e for e in ops if "/device:" in process.get(e["pid"], "")]
+    return [(e["args"]["hlo_op"], float(e.get("dur", 0.0))) for e in _leaves(on_device or ops)]
+
+
+def _leaves(events: list[dict]) -> list[dict]:
+    """The events that hold no other event of their thread: a CPU `while` or `conditional` op's
+    event spans the ops of its body, which are counted themselves."""
+    by_thread = collections.defaultdict(list)
+    for e in events:
+        by_thread[(e["pid"], e.get("tid"))].append(e)
+    leaves = []
+    for thread in by_thread.values():
+        thread.sort(key=lambda e: (float(e["ts"]), -float(e.get("dur", 0.0))))
+        for e, following in zip(thread, [*thread[1:], None]):
+            end = float(e["ts"]) + float(e.get("dur", 0.0))
+            if following is None or float(following["ts"]) >= end:
+                leaves.append(e)
+    return leaves
+
+
+def profile_regions(compiled, args: Sequence, calls: int = 3, call: Callable | None = None) -> dict[str, float]:
+    """Seconds per call spent in each region (and "other"), measured over `calls` calls of
+    `compiled(*args)` (or of `call()`, which must run `compiled`) under the profiler.
+
+    The sum is the op time the trace records: on a GPU the kernels' busy time (the wall time
+    can be longer, by launch gaps), on CPU the thunks' time.
+    """
+    hlo = compiled.as_text()
+    regions, module = instruction_regions(hlo), module_name(hlo)
+    run = call or (lambda: compiled(*args))
+    jax.block_until_ready(run())  # warm
+    with tempfile.TemporaryDirectory() as log_dir:
+        with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+            for _ in range(calls):
+                jax.block_until_ready(run())
+        files = glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+        if not files:
+            raise RuntimeError(f"the profiler wrote no perfetto trace under {log_dir}")
+        with gzip.open(files[0], "rt") as f:
+            trace = json.load(f)
+    totals: dict[str, float] = collections.Counter({name: 0.0 for name in (*REGIONS, OTHER)})
+    for op, micros in _op_events(trace, module):
+        totals[regions.get(op, OTHER)] += micros * 1e-6 / calls
+    return dict(totals)

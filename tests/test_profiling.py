@@ -1,0 +1,68 @@
+"""dit_jax.profiling: op time per named region, from a real profiler trace on CPU."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from dit_jax import bench
+from dit_jax.profiling import OTHER, REGIONS, _leaves, instruction_regions, profile_regions, region_of
+
+
+def test_region_is_the_innermost_named_one():
+    assert region_of("jit(_run)/while/body/mlp/merge/add") == "merge"
+    assert region_of("jit(f)/while/body/attention/key_attention/dot_general") == "key_attention"
+    assert region_of("jit(f)/attention/dot_general") == "attention"
+    assert region_of("jit(f)/while/body/closed_call/add") == OTHER
+    assert region_of("jit(f)/mlpx/add") == OTHER  # whole names only
+
+
+def test_nested_events_count_once():
+    outer = {"pid": 1, "tid": 1, "ts": 0.0, "dur": 10.0}
+    inner = [{"pid": 1, "tid": 1, "ts": 1.0, "dur": 3.0}, {"pid": 1, "tid": 1, "ts": 5.0, "dur": 2.0}]
+    other_thread = {"pid": 1, "tid": 2, "ts": 2.0, "dur": 4.0}
+    assert _leaves([outer, *inner, other_thread]) == [*inner, other_thread]
+
+
+def _scoped(x, w):
+    with jax.named_scope("mlp"):
+        for _ in range(4):
+            x = jnp.tanh(x @ w)
+    with jax.named_scope("merge"):
+        x = jnp.sort(x[:, :64], axis=1)  # an op XLA cannot fuse into the matmuls
+    return x
+
+
+def test_profile_attributes_time_to_regions():
+    x = jnp.ones((256, 512))
+    w = jnp.full((512, 512), 1e-3)
+    compiled = jax.jit(_scoped).lower(x, w).compile()
+    names = instruction_regions(compiled.as_text())
+    assert "mlp" in names.values() and "merge" in names.values()
+    profile = profile_regions(compiled, (x, w), calls=2)
+    assert set(profile) == {*REGIONS, OTHER}
+    assert profile["mlp"] > 0
+    assert profile["mlp"] > 5 * profile["merge"]  # four matmuls against one add
+
+
+def test_bench_profile_splits_a_merged_forward(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code = bench.main(["forward", "--variant", "DiT-S/2", "--image-size", "128", "--depth", "2", "--batch", "2",
+                       "--repeats", "1", "--strategies", "baseline,ssm:0.5,idm:0.5", "--profile", "--json", str(out)])
+    assert code == 0
+    import json
+
+    rows = {r["strategy"]: r["profile_s"] for r in json.loads(out.read_text())["results"]}
+    assert rows["baseline"]["merge_plan"] == 0 and rows["baseline"]["attention"] > 0 and rows["baseline"]["mlp"] > 0
+    assert rows["ssm:0.5"]["merge_plan"] > 0 and rows["ssm:0.5"]["merge"] > 0
+    assert rows["idm:0.5"]["key_attention"] > 0
+    assert "# profile" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", ["nothing"])
+def test_missing_trace_is_an_error(monkeypatch, bad):
+    monkeypatch.setattr("glob.glob", lambda *a, **k: [])
+    compiled = jax.jit(lambda x: x + 1).lower(1.0).compile()
+    with pytest.raises(RuntimeError, match="no perfetto trace"):
+        profile_regions(compiled, (1.0,), calls=1)
