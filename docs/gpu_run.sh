@@ -4,7 +4,8 @@
 #   bash docs/gpu_run.sh            (on the GPU machine, from the repository root)
 # Needs .whl/ (orbax-checkpoint and diffusers wheels, for the PyTorch comparison) carried along;
 # TRAIN_SECONDS>0 also trains the embedded default (then .data/fashion-mnist/ must come too).
-# A CPU dry run: VARIANT=DiT-S/2 PIXART=PixArt-alpha-XL/2-256 BENCH_EXTRA="--depth 1" REPEATS=2 bash docs/gpu_run.sh
+# A CPU dry run: VARIANT=DiT-S/2 PIXART=PixArt-alpha-XL/2-256 PIXART_SIZE=256 BENCH_EXTRA="--depth 1" REPEATS=2 \
+#   SAMPLE_REPEATS=1 BATCHES=1 bash docs/gpu_run.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 TRAIN_SECONDS=${TRAIN_SECONDS:-0}
@@ -57,7 +58,7 @@ for batch in ${BATCHES:-8 1 32}; do
     --strategies "${SAMPLE:-baseline,sdtm,sdtm*4,tome:0.5}" --steps 20 --repeats "${SAMPLE_REPEATS:-3}"
 done
 # PixArt at 1024 px (4,096 image tokens), 20 DPM-Solver++ steps with guidance, random weights and text.
-bench pixart1024 sample --variant "$PIXART" $BENCH_EXTRA --batch 2 --dtype bfloat16 \
+bench pixart1024 sample --variant "$PIXART" $BENCH_EXTRA --image-size "${PIXART_SIZE:-1024}" --batch 2 --dtype bfloat16 \
   --strategies "${PIXART_SAMPLE:-baseline,sdtm,sdtm*4,tome:0.5}" --steps 20 --repeats "${SAMPLE_REPEATS:-3}"
 stamp "done"
 grep -E "^#|^[a-z]" "$OUT/bench.log" | grep -v "^wrote"

@@ -57,9 +57,10 @@ def chunked_attention(
 ) -> jax.Array:
     """Softmax attention computed `chunk` queries at a time -> (B, N, h, d).
 
-    The same function as `jax.nn.dot_product_attention` (logits and softmax in float32), but
-    each block of logits is small enough to stay in cache: on CPU, where XLA writes the whole
-    [B, h, N, S] logits to memory and reads them back several times, this is the faster way.
+    The same function as `jax.nn.dot_product_attention` (logits and softmax in float32), cut
+    into independent blocks of queries, each with a small [B, h, chunk, S] block of logits,
+    which XLA's CPU backend can run side by side on its cores. On CPU it is the faster way
+    (figures at QUERY_CHUNK; DiT-XL/2 at 512 px: one forward 12.4 s against 14.4 s).
     """
     n, s = q.shape[1], k.shape[1]
     q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
