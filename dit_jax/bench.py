@@ -494,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         for case, row in zip(cases, rows):
             if case.compiled is not None:
-                row["profile_s"] = profile_regions(case.compiled, (), call=case.run)
+                row["profile_s"] = profile_regions(case.compiled, case.run)
     print(f"# {args.mode} {args.variant} {cfg.num_tokens} tokens, batch {args.batch}, {args.dtype}, "
           f"{header['device']}, jax {jax.__version__}" + (f", {args.steps} {args.sampler} steps" if args.mode == "sample" else ""))
     print(f"{'strategy':<18} {'compile s':>9} {'median s':>10} {'min s':>9} {'max s':>9} {'speed-up':>8} "

@@ -9,7 +9,7 @@ the time up per region: the innermost region of the path wins (a merge inside th
 counts as merge). Ops outside every region (norms, modulation, residuals, the sampler's
 arithmetic, copies) are "other".
 
-    regions = profile_regions(compiled, args)   # {"attention": 0.0123, ..., "other": ...} seconds per call
+    regions = profile_regions(compiled, lambda: compiled(*args))   # {"attention": 0.0123, ..., "other": ...} s per call
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import jax
 
@@ -85,16 +85,15 @@ def _leaves(events: list[dict]) -> list[dict]:
     return leaves
 
 
-def profile_regions(compiled, args: Sequence, calls: int = 3, call: Callable | None = None) -> dict[str, float]:
+def profile_regions(compiled, run: Callable[[], object], calls: int = 3) -> dict[str, float]:
     """Seconds per call spent in each region (and "other"), measured over `calls` calls of
-    `compiled(*args)` (or of `call()`, which must run `compiled`) under the profiler.
+    `run()`, which calls the executable `compiled` (whose text names the ops), under the profiler.
 
     The sum is the op time the trace records: on a GPU the kernels' busy time (the wall time
     can be longer, by launch gaps), on CPU the thunks' time.
     """
     hlo = compiled.as_text()
     regions, module = instruction_regions(hlo), module_name(hlo)
-    run = call or (lambda: compiled(*args))
     jax.block_until_ready(run())  # warm
     with tempfile.TemporaryDirectory() as log_dir:
         with jax.profiler.trace(log_dir, create_perfetto_trace=True):

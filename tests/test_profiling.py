@@ -30,7 +30,7 @@ def _scoped(x, w):
         for _ in range(4):
             x = jnp.tanh(x @ w)
     with jax.named_scope("merge"):
-        x = jnp.sort(x[:, :64], axis=1)  # an op XLA cannot fuse into the matmuls
+        x = jnp.sort(x[:8, :64], axis=1)  # a small op XLA cannot fuse into the matmuls
     return x
 
 
@@ -40,10 +40,11 @@ def test_profile_attributes_time_to_regions():
     compiled = jax.jit(_scoped).lower(x, w).compile()
     names = instruction_regions(compiled.as_text())
     assert "mlp" in names.values() and "merge" in names.values()
-    profile = profile_regions(compiled, (x, w), calls=2)
+    profile = profile_regions(compiled, lambda: compiled(x, w), calls=2)
     assert set(profile) == {*REGIONS, OTHER}
     assert profile["mlp"] > 0
-    assert profile["mlp"] > 5 * profile["merge"]  # four matmuls against one add
+    assert profile["merge"] > 0
+    assert profile["mlp"] > 3 * profile["merge"]  # four 256x512x512 matmuls against sorting 8 rows of 64
 
 
 def test_bench_profile_splits_a_merged_forward(tmp_path, capsys):
@@ -60,9 +61,8 @@ def test_bench_profile_splits_a_merged_forward(tmp_path, capsys):
     assert "# profile" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("bad", ["nothing"])
-def test_missing_trace_is_an_error(monkeypatch, bad):
+def test_missing_trace_is_an_error(monkeypatch):
     monkeypatch.setattr("glob.glob", lambda *a, **k: [])
     compiled = jax.jit(lambda x: x + 1).lower(1.0).compile()
     with pytest.raises(RuntimeError, match="no perfetto trace"):
-        profile_regions(compiled, (1.0,), calls=1)
+        profile_regions(compiled, lambda: compiled(1.0), calls=1)
