@@ -58,19 +58,14 @@ class Case:
     attn_share: float  # share of the attention token passes left
     mlp_share: float
     flops: float  # counted from the config, per call
-    xla_flops: float | None
+    xla_flops: float | None  # XLA's cost analysis, where it has one
     compiled: object | None = None  # the XLA executable (None for PyTorch), for --profile
 
 
 @dataclasses.dataclass
 class Result:
-    strategy: str
-    compile_s: float
+    case: Case
     times_s: list[float]
-    token_share_attn: float
-    token_share_mlp: float
-    flops: float  # counted from the config, per timed call
-    xla_flops: float | None
     speedup: float = 1.0
 
     @property
@@ -78,18 +73,19 @@ class Result:
         return statistics.median(self.times_s)
 
     def row(self, peak: float | None) -> dict:
-        achieved = self.flops / self.median_s
+        case = self.case
+        achieved = case.flops / self.median_s
         return {
-            "strategy": self.strategy,
-            "compile_s": round(self.compile_s, 3),
+            "strategy": case.name,
+            "compile_s": round(case.compile_s, 3),
             "median_s": self.median_s,
             "min_s": min(self.times_s),
             "max_s": max(self.times_s),
             "speedup": round(self.speedup, 4),
-            "token_share_attn": round(self.token_share_attn, 4),
-            "token_share_mlp": round(self.token_share_mlp, 4),
-            "flops": self.flops,
-            "xla_flops": self.xla_flops,
+            "token_share_attn": round(case.attn_share, 4),
+            "token_share_mlp": round(case.mlp_share, 4),
+            "flops": case.flops,
+            "xla_flops": case.xla_flops,
             "achieved_flops_per_s": achieved,
             "share_of_peak": None if peak is None else achieved / peak,
         }
@@ -403,8 +399,7 @@ def run_cases(cases: list[Case], repeats: int, warmup: int = 1) -> list[Result]:
     for _ in range(repeats):  # interleaved: every strategy once per round
         for case in cases:
             times[case.name].append(_timed(case.run))
-    results = [Result(c.name, c.compile_s, times[c.name], c.attn_share, c.mlp_share, c.flops, c.xla_flops)
-               for c in cases]
+    results = [Result(case, times[case.name]) for case in cases]
     base = results[0].median_s
     for r in results:
         r.speedup = base / r.median_s
@@ -492,9 +487,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     rows = [r.row(peak) for r in results]
     if args.profile:
-        for case, row in zip(cases, rows):
-            if case.compiled is not None:
-                row["profile_s"] = profile_regions(case.compiled, case.run)
+        for result, row in zip(results, rows):
+            if result.case.compiled is not None:
+                row["profile_s"] = profile_regions(result.case.compiled, result.case.run)
     print(f"# {args.mode} {args.variant} {cfg.num_tokens} tokens, batch {args.batch}, {args.dtype}, "
           f"{header['device']}, jax {jax.__version__}" + (f", {args.steps} {args.sampler} steps" if args.mode == "sample" else ""))
     print(f"{'strategy':<18} {'compile s':>9} {'median s':>10} {'min s':>9} {'max s':>9} {'speed-up':>8} "

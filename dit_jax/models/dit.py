@@ -18,7 +18,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dit_jax.models.config import PatchGridConfig
-
 from dit_jax.nn.attention import Attention, merged_self_attention
 from dit_jax.nn.layers import Mlp, layer_norm, modulate, sincos_pos_embed_2d, timestep_embedding
 from sdtm.merger import BlockMerger, MergeState

@@ -62,16 +62,14 @@ def chunked_attention(
     which XLA's CPU backend can run side by side on its cores. On CPU it is the faster way
     (figures at QUERY_CHUNK; DiT-XL/2 at 512 px: one forward 12.4 s against 14.4 s).
     """
-    n, s = q.shape[1], k.shape[1]
+    n = q.shape[1]
     q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
-    if bias is not None:
-        bias = jnp.broadcast_to(bias, (*bias.shape[:2], n if bias.shape[2] != 1 else 1, s))
     outs = []
     for start in range(0, n, chunk):  # static: the last block may be shorter
         stop = min(start + chunk, n)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q[:, start:stop], k, preferred_element_type=jnp.float32)
         if bias is not None:
-            logits = logits + (bias if bias.shape[2] == 1 else bias[:, :, start:stop]).astype(jnp.float32)
+            logits = logits + (bias[:, :, start:stop] if bias.shape[2] > 1 else bias).astype(jnp.float32)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         outs.append(jnp.einsum("bhqk,bkhd->bqhd", probs, v))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
@@ -80,13 +78,13 @@ def chunked_attention(
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None) -> jax.Array:
     """q (B, N, h, d), k and v (B, S, h, d), bias broadcastable to (B, h, N, S) or None -> (B, N, h, d)."""
     implementation = _implementation(q.dtype)
+    if implementation == "chunked":
+        return chunked_attention(q, k, v, bias)  # adds the bias in float32
     if bias is not None:
         bias = bias.astype(q.dtype)
-    if implementation == "chunked":
-        return chunked_attention(q, k, v, bias)
-    if bias is not None and implementation == "cudnn":  # cuDNN checks the bias' query and key lengths
-        b, n, s = q.shape[0], q.shape[1], k.shape[1]
-        bias = jnp.broadcast_to(bias, (b, bias.shape[1], n, s))
+        if implementation == "cudnn":  # cuDNN checks the bias' query and key lengths
+            b, n, s = q.shape[0], q.shape[1], k.shape[1]
+            bias = jnp.broadcast_to(bias, (b, bias.shape[1], n, s))
     return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation)
 
 
