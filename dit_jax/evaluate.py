@@ -251,6 +251,11 @@ PRESETS: dict[str, EvalConfig] = dict([
             "structure stage to 70% of the steps"),
     _preset("tome-matched-tuned", {"ratio": MATCH}, "ToMe (attention only) at sdtm-tuned's measured speed-up",
             "sdtm-tuned"),
+    _preset("sdtm-cached", sdtm_lib.SDTMConfig(**dict(TUNED, cache_weight=0.0)),
+            "sdtm-tuned with merged tokens taking their whole output from the last protected step "
+            "(found at guidance 2.0, docs/quality-guidance.md)"),
+    _preset("tome-matched-cached", {"ratio": MATCH}, "ToMe (attention only) at sdtm-cached's measured speed-up",
+            "sdtm-cached"),
     _preset("sdtm-protect-only", sdtm_lib.SDTMConfig(protect_every=3),
             "protected steps without the cache blend (cache_weight 1)"),
     _preset("sdtm-release-r0.3", _sweep(0.3, **RELEASE_EXTRAS), "release extras at ratio 0.3 +- 0.12"),
@@ -895,6 +900,10 @@ def evaluate(args: argparse.Namespace, command: str, log=print) -> list[Row]:
     weights = load(args.weights)
     if weights.config.class_names is None or tuple(weights.config.class_names) != CLASS_NAMES:
         raise ValueError("the quality harness scores Fashion-MNIST models: these weights have other classes")
+    sampler = TimedSampler(weights, args.num_samples, args.batch_size, args.steps, args.cfg, args.seed, log)
+    for c in configs:  # impossible settings (a ratio the grid cannot give, ...) fail now, before any work
+        if not c.needs_match:
+            sampler.batch_args(c.method, 0)
     judge = classifier_lib.load_classifier(args.classifier)
     judge_info = classifier_lib.bundle_info(args.classifier)
     test_images, test_labels = load_fashion_mnist("test", args.data_root)
@@ -911,7 +920,6 @@ def evaluate(args: argparse.Namespace, command: str, log=print) -> list[Row]:
     ref_clf = Reference.of(ref_clf)
     ref_eff = None if eff is None else Reference.of(eff.reference_features(test_images[ref_idx]))
 
-    sampler = TimedSampler(weights, args.num_samples, args.batch_size, args.steps, args.cfg, args.seed, log)
     log(f"compiling {len(configs)} configurations ({args.steps} steps, batch {args.batch_size})")
     searches: dict[str, dict] = {}  # target row -> its ToMe ratio search
     for c in configs:

@@ -122,20 +122,14 @@ def plan_from_parents(parent: jax.Array, is_src: jax.Array, merge_count: int) ->
     num_slots = num_tokens - merge_count
     rows = jnp.arange(batch)[:, None]
     tokens = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch, num_tokens))
-    is_seed = ~is_src
-    seed_rank = jnp.cumsum(is_seed, axis=1, dtype=jnp.int32) - 1  # (B, N) slot of each seed
-    src_rank = jnp.cumsum(is_src, axis=1, dtype=jnp.int32) - 1  # (B, N) position among sources
-    # Compaction by scatter: out-of-range targets (the other kind of token) are dropped.
-    keep_index = (
-        jnp.zeros((batch, num_slots), jnp.int32)
-        .at[rows, jnp.where(is_seed, seed_rank, num_slots)]
-        .set(tokens, mode="drop")
-    )
-    src_index = (
-        jnp.zeros((batch, merge_count), jnp.int32)
-        .at[rows, jnp.where(is_src, src_rank, merge_count)]
-        .set(tokens, mode="drop")
-    )
+    seed_rank = jnp.cumsum(~is_src, axis=1, dtype=jnp.int32) - 1  # (B, N) slot of each seed
+    # Tokens 0..n hold n + 1 seeds and sources together, so one cumsum ranks both kinds.
+    src_rank = tokens - seed_rank - 1  # (B, N) position of each source among the sources
+    # Compaction by one scatter of the permutation "seeds in order, then sources in order";
+    # out-of-range targets (only if is_src breaks the contract) are dropped.
+    position = jnp.where(is_src, num_slots + src_rank, seed_rank)
+    order = jnp.zeros((batch, num_tokens), jnp.int32).at[rows, position].set(tokens, mode="drop")
+    keep_index, src_index = order[:, :num_slots], order[:, num_slots:]
     token_slot = jnp.take_along_axis(seed_rank, parent.astype(jnp.int32), axis=1)  # (B, N)
     src_slot = jnp.take_along_axis(token_slot, src_index, axis=1)  # (B, R)
     group_size = jnp.ones((batch, num_slots), jnp.float32).at[rows, src_slot].add(1.0)
@@ -312,5 +306,4 @@ def merge_top_sources(
     into = jnp.take_along_axis(best_dst, chosen, axis=1)  # (B, R)
     tokens = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch, num_tokens))
     parent = tokens.at[rows, merging].set(into.astype(jnp.int32))
-    is_src = jnp.zeros((batch, num_tokens), bool).at[rows, merging].set(True)
-    return plan_from_parents(parent, is_src, merge_count)
+    return plan_from_parents(parent, parent != tokens, merge_count)  # a destination is never a source

@@ -231,6 +231,18 @@ def test_end_to_end_writes_the_table(tmp_path):
     assert evaluate.main(["--configs", "nonsense", "--out", str(tmp_path / "q.md")]) == 2
 
 
+def test_impossible_setting_fails_before_any_work(tmp_path, monkeypatch):
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scored or compiled before checking every configuration")
+
+    monkeypatch.setattr(evaluate.classifier_lib, "load_classifier", no_scoring)
+    args = ["--num-samples", "10", "--steps", "2", "--skip-efflite", "--out", str(tmp_path / "q.md"),
+            "--configs", "baseline", "sdtm:ratio=0.6"]  # 0.6 + 0.2 of a 16x16 grid: more than 2x2 windows allow
+    with pytest.raises(ValueError, match="allow at most 192"):
+        evaluate.evaluate(evaluate.build_parser().parse_args(args), "test")
+    assert not (tmp_path / "q.md").exists()
+
+
 @pytest.mark.slow
 @NEEDS_DATA
 def test_end_to_end_with_the_tome_search(tmp_path):
