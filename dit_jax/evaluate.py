@@ -59,7 +59,7 @@ DEFAULT_OUT = Path("docs/quality.md")
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dit_jax" / "quality"
 SPEEDUP_TOLERANCE = 0.05  # ToMe's speed-up must land within 5% of SDTM's
 KID_FOLDS = 5  # the KID standard error comes from this many disjoint folds of the samples
-PROBE_CALLS = 2  # timed calls per ToMe ratio probe
+PROBE_CALLS = 2  # timed calls per ToMe ratio probe (--probe-calls)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -892,6 +892,8 @@ def evaluate(args: argparse.Namespace, command: str, log=print) -> list[Row]:
     from dit_jax.weights import load
 
     configs = parse_configs(args.configs)
+    if args.probe_calls < 1:
+        raise ValueError(f"--probe-calls {args.probe_calls} must be at least 1")
     if args.reference_size % 10 or args.reference_size < 20:
         raise ValueError(f"--reference-size {args.reference_size} must be a multiple of 10, at least 20")
     if args.reference_size + args.num_samples > 10_000:
@@ -927,8 +929,8 @@ def evaluate(args: argparse.Namespace, command: str, log=print) -> list[Row]:
             sampler.compile(c.name, c.method)
     for target in dict.fromkeys(c.match_target for c in configs if c.needs_match):
         log(f"searching ToMe's ratio for {target}'s speed-up")
-        ratio, probes, reached, speedup = search_tome(sampler, configs[0].name, target, log, PROBE_CALLS)
-        searches[target] = {"ratio": ratio, "reached": reached, "target": speedup, "calls_per_probe": PROBE_CALLS,
+        ratio, probes, reached, speedup = search_tome(sampler, configs[0].name, target, log, args.probe_calls)
+        searches[target] = {"ratio": ratio, "reached": reached, "target": speedup, "calls_per_probe": args.probe_calls,
                             "probes": [{"ratio": p.merge_count / weights.config.dit.num_tokens, "speedup": p.speedup}
                                        for p in probes]}
     configs = [c.resolved(searches[c.match_target]["ratio"]) if c.needs_match else c for c in configs]
@@ -1022,6 +1024,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--classifier", help="classifier bundle (default: the shipped one)")
     ap.add_argument("--data-root", help="folder of the Fashion-MNIST idx files")
     ap.add_argument("--compile-cache", metavar="DIR", help="JAX's persistent compilation cache directory")
+    ap.add_argument("--probe-calls", type=int, default=PROBE_CALLS,
+                    help=f"timed calls per probe of the ToMe ratio search (default {PROBE_CALLS})")
     return ap
 
 

@@ -231,7 +231,7 @@ def test_end_to_end_writes_the_table(tmp_path):
     assert evaluate.main(["--configs", "nonsense", "--out", str(tmp_path / "q.md")]) == 2
 
 
-def test_impossible_setting_fails_before_any_work(tmp_path, monkeypatch):
+def test_bad_settings_fail_before_any_work(tmp_path, monkeypatch):
     def no_scoring(*args, **kwargs):
         raise AssertionError("scored or compiled before checking every configuration")
 
@@ -240,6 +240,8 @@ def test_impossible_setting_fails_before_any_work(tmp_path, monkeypatch):
             "--configs", "baseline", "sdtm:ratio=0.6"]  # 0.6 + 0.2 of a 16x16 grid: more than 2x2 windows allow
     with pytest.raises(ValueError, match="allow at most 192"):
         evaluate.evaluate(evaluate.build_parser().parse_args(args), "test")
+    with pytest.raises(ValueError, match="--probe-calls 0 must be at least 1"):
+        evaluate.evaluate(evaluate.build_parser().parse_args([*args[:-1], "--probe-calls", "0"]), "test")
     assert not (tmp_path / "q.md").exists()
 
 
