@@ -125,8 +125,8 @@ def plan_from_parents(parent: jax.Array, is_src: jax.Array, merge_count: int) ->
     seed_rank = jnp.cumsum(~is_src, axis=1, dtype=jnp.int32) - 1  # (B, N) slot of each seed
     # Tokens 0..n hold n + 1 seeds and sources together, so one cumsum ranks both kinds.
     src_rank = tokens - seed_rank - 1  # (B, N) position of each source among the sources
-    # Compaction by one scatter of the permutation "seeds in order, then sources in order";
-    # out-of-range targets (only if is_src breaks the contract) are dropped.
+    # Compaction by one scatter of the permutation "seeds in order, then sources in order". A row
+    # that breaks the is_src contract gets a wrong plan, not an error (targets past N are dropped).
     position = jnp.where(is_src, num_slots + src_rank, seed_rank)
     order = jnp.zeros((batch, num_tokens), jnp.int32).at[rows, position].set(tokens, mode="drop")
     keep_index, src_index = order[:, :num_slots], order[:, num_slots:]
