@@ -29,6 +29,7 @@ from sdtm.ops import (
     match_sources,
     merge_top_sources,
     split_windows,
+    take_along,
     unit_tokens,
 )
 
@@ -78,11 +79,11 @@ def idm_plan(
     dst_tokens, src_tokens = split_windows(windows, dst_pos)
     best_similarity, best_dst = match_sources(unit_tokens(metric).astype(metric.dtype), dst_tokens, src_tokens)  # (B, S)
     if attention is not None:
-        rank = jnp.take_along_axis(inattentiveness(attention), src_tokens, axis=1)
+        rank = take_along(inattentiveness(attention), src_tokens)
     else:
         rank = best_similarity
     if priority is not None:
-        rank = rank + a_d * jnp.take_along_axis(priority.astype(jnp.float32), src_tokens, axis=1)
+        rank = rank + a_d * take_along(priority.astype(jnp.float32), src_tokens)
     return merge_top_sources(src_tokens, best_dst, rank, merge_count, num_tokens)
 
 

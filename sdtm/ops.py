@@ -51,9 +51,16 @@ class MergePlan:
         return self.token_slot.shape[1]
 
 
+def take_along(values: jax.Array, index: jax.Array, axis: int = 1) -> jax.Array:
+    """`jnp.take_along_axis` for the index arrays this package builds, which are in range by
+    construction: no bounds check, no negative-index wrap (a quarter fewer HLO instructions in
+    a plan, so less to compile)."""
+    return jnp.take_along_axis(values, index, axis=axis, mode="promise_in_bounds")
+
+
 def _take_tokens(x: jax.Array, index: jax.Array) -> jax.Array:
     """x [B, N, C], index int [B, K] -> [B, K, C]."""
-    return jnp.take_along_axis(x, index[..., None], axis=1)
+    return take_along(x, index[..., None])
 
 
 @jax.named_scope("merge")  # scope names mark regions for dit_jax.profiling
@@ -70,8 +77,8 @@ def merge(plan: MergePlan | None, x: jax.Array) -> jax.Array:
     kept = _take_tokens(x, plan.keep_index)  # (B, M, C)
     if plan.merge_count == 0:
         return kept
-    seed_of_src = jnp.take_along_axis(plan.keep_index, plan.src_slot, axis=1)  # (B, R)
-    scale_of_src = jnp.take_along_axis(plan.slot_scale, plan.src_slot, axis=1)  # (B, R)
+    seed_of_src = take_along(plan.keep_index, plan.src_slot)  # (B, R)
+    scale_of_src = take_along(plan.slot_scale, plan.src_slot)  # (B, R)
     offsets = _take_tokens(x, plan.src_index).astype(jnp.float32) - _take_tokens(x, seed_of_src).astype(
         jnp.float32
     )  # (B, R, C)
@@ -122,16 +129,14 @@ def plan_from_parents(parent: jax.Array, is_src: jax.Array, merge_count: int) ->
     num_slots = num_tokens - merge_count
     rows = jnp.arange(batch)[:, None]
     tokens = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch, num_tokens))
-    seed_rank = jnp.cumsum(~is_src, axis=1, dtype=jnp.int32) - 1  # (B, N) slot of each seed
-    # Tokens 0..n hold n + 1 seeds and sources together, so one cumsum ranks both kinds.
-    src_rank = tokens - seed_rank - 1  # (B, N) position of each source among the sources
-    # Compaction by one scatter of the permutation "seeds in order, then sources in order". A row
-    # that breaks the is_src contract gets a wrong plan, not an error (targets past N are dropped).
-    position = jnp.where(is_src, num_slots + src_rank, seed_rank)
-    order = jnp.zeros((batch, num_tokens), jnp.int32).at[rows, position].set(tokens, mode="drop")
+    # Compaction by one stable sort: seeds in token order, then sources in token order. A row
+    # that breaks the is_src contract gets a wrong plan, not an error.
+    order = jnp.argsort(is_src, axis=1, stable=True).astype(jnp.int32)  # (B, N)
     keep_index, src_index = order[:, :num_slots], order[:, num_slots:]
-    token_slot = jnp.take_along_axis(seed_rank, parent.astype(jnp.int32), axis=1)  # (B, N)
-    src_slot = jnp.take_along_axis(token_slot, src_index, axis=1)  # (B, R)
+    # The inverse permutation: where each token landed in `order`; for a seed, its slot.
+    place = jnp.zeros((batch, num_tokens), jnp.int32).at[rows, order].set(tokens, unique_indices=True)
+    token_slot = take_along(place, parent.astype(jnp.int32))  # (B, N): the slot of each token's seed
+    src_slot = take_along(token_slot, src_index)  # (B, R)
     group_size = jnp.ones((batch, num_slots), jnp.float32).at[rows, src_slot].add(1.0)
     return MergePlan(
         keep_index=keep_index,
@@ -158,7 +163,7 @@ def merged_mask(plan: MergePlan | None, batch: int, num_tokens: int) -> jax.Arra
     """bool [B, N]: True for tokens that share their slot with another token."""
     if plan is None or plan.merge_count == 0:
         return jnp.zeros((batch, num_tokens), bool)
-    return jnp.take_along_axis(plan.slot_scale, plan.token_slot, axis=1) < 1.0
+    return take_along(plan.slot_scale, plan.token_slot) < 1.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,9 +274,9 @@ def split_windows(windows: np.ndarray, dst_pos: jax.Array) -> tuple[jax.Array, j
     table = jnp.asarray(windows)  # (W, K)
     num_windows, k = windows.shape
     dst_pos = dst_pos.astype(jnp.int32)
-    dst_tokens = jnp.take_along_axis(table[None], dst_pos[..., None], axis=2)[..., 0]  # (B, W)
+    dst_tokens = take_along(table[None], dst_pos[..., None], axis=2)[..., 0]  # (B, W)
     src_pos = jnp.asarray(_other_positions(k))[dst_pos]  # (B, W, K-1)
-    src_tokens = jnp.take_along_axis(jnp.broadcast_to(table, dst_pos.shape + (k,)), src_pos, axis=2)
+    src_tokens = take_along(jnp.broadcast_to(table, dst_pos.shape + (k,)), src_pos, axis=2)
     return dst_tokens, src_tokens.reshape(dst_pos.shape[0], num_windows * (k - 1))
 
 
@@ -288,7 +293,7 @@ def match_sources(unit: jax.Array, dst_tokens: jax.Array, src_tokens: jax.Array)
     similarity = jnp.einsum("bsc,bwc->bsw", src, dst, preferred_element_type=jnp.float32)
     best_window = jnp.argmax(similarity, axis=-1)  # (B, S)
     best_similarity = jnp.max(similarity, axis=-1)
-    return best_similarity, jnp.take_along_axis(dst_tokens, best_window, axis=1)
+    return best_similarity, take_along(dst_tokens, best_window)
 
 
 def merge_top_sources(
@@ -302,8 +307,8 @@ def merge_top_sources(
     batch = src_tokens.shape[0]
     rows = jnp.arange(batch)[:, None]
     _, chosen = jax.lax.top_k(rank, merge_count)  # (B, R) positions in the source list
-    merging = jnp.take_along_axis(src_tokens, chosen, axis=1)  # (B, R) token ids
-    into = jnp.take_along_axis(best_dst, chosen, axis=1)  # (B, R)
+    merging = take_along(src_tokens, chosen)  # (B, R) token ids
+    into = take_along(best_dst, chosen)  # (B, R)
     tokens = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch, num_tokens))
-    parent = tokens.at[rows, merging].set(into.astype(jnp.int32))
+    parent = tokens.at[rows, merging].set(into.astype(jnp.int32), unique_indices=True)  # top_k: distinct
     return plan_from_parents(parent, parent != tokens, merge_count)  # a destination is never a source

@@ -78,7 +78,7 @@ def ssm_plan(
         score = score + (a_s / k) * window_sum(priority.astype(jnp.float32), grid, window)
     _, chosen = jax.lax.top_k(score, merge_count // (k - 1))  # (B, n) window ids
     rows = jnp.arange(batch)[:, None]
-    selected = jnp.zeros((batch, num_windows), bool).at[rows, chosen].set(True)  # (B, W)
+    selected = jnp.zeros((batch, num_windows), bool).at[rows, chosen].set(True, unique_indices=True)  # (B, W)
     # Static per-token lookups: the window of each token, its position, the window's seed.
     token_window, token_pos = token_window_position(grid, window)
     seed = windows[token_window, 0]  # (N,) NumPy
