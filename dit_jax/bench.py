@@ -10,7 +10,8 @@ PixArt runs on random T5 embeddings of its full text length (the text encoder ru
 prompt, outside the sampling loop, so it is not timed).
 
 Random weights (speed does not depend on their values). Every strategy is compiled first (compile
-time reported apart), then the strategies run interleaved, `repeats` rounds, and the table gives
+time reported apart, with `fusions`: the distinct fused kernels XLA compiled, which compile time
+grows with), then the strategies run interleaved, `repeats` rounds, and the table gives
 the median / min / max run time and the speed-up against the baseline of the same run. Latent
 models are timed without the VAE. FLOPs are counted from the config and the merge counts (matmul
 and attention FLOPs); XLA's own count is shown where it has one. `--profile` then traces each
@@ -40,7 +41,7 @@ from dit_jax.models import dit as dit_models
 from dit_jax.models.dit import DiTConfig
 from dit_jax.nn.attention import IMPLEMENTATIONS, attention_implementation
 from dit_jax.pipeline import FAMILY_DEFAULTS, _run, prepare
-from dit_jax.profiling import OTHER, REGIONS, profile_regions
+from dit_jax.profiling import OTHER, REGIONS, distinct_fusions, profile_regions
 from dit_jax.weights import BundleConfig, Weights, dit_module, model_class, use_compilation_cache
 
 MODES = ("sample", "forward", "merge")
@@ -78,6 +79,8 @@ class Result:
         return {
             "strategy": case.name,
             "compile_s": round(case.compile_s, 3),
+            # Distinct fused kernels XLA compiled for the call: what compile time grows with.
+            "fusions": None if case.compiled is None else sum(distinct_fusions(case.compiled.as_text()).values()),
             "median_s": self.median_s,
             "min_s": min(self.times_s),
             "max_s": max(self.times_s),
@@ -492,11 +495,12 @@ def main(argv: list[str] | None = None) -> int:
                 row["profile_s"] = profile_regions(result.case.compiled, result.case.run)
     print(f"# {args.mode} {args.variant} {cfg.num_tokens} tokens, batch {args.batch}, {args.dtype}, "
           f"{header['device']}, jax {jax.__version__}" + (f", {args.steps} {args.sampler} steps" if args.mode == "sample" else ""))
-    print(f"{'strategy':<18} {'compile s':>9} {'median s':>10} {'min s':>9} {'max s':>9} {'speed-up':>8} "
+    print(f"{'strategy':<18} {'compile s':>9} {'fusions':>7} {'median s':>10} {'min s':>9} {'max s':>9} {'speed-up':>8} "
           f"{'attn tok':>8} {'mlp tok':>8} {'TFLOP/s':>8}" + (" %peak" if peak else ""))
     for row in rows:
         tflops = row["achieved_flops_per_s"] / 1e12
-        line = (f"{row['strategy']:<18} {row['compile_s']:>9.2f} {row['median_s']:>10.4f} {row['min_s']:>9.4f} "
+        fusions = "-" if row["fusions"] is None else row["fusions"]
+        line = (f"{row['strategy']:<18} {row['compile_s']:>9.2f} {fusions:>7} {row['median_s']:>10.4f} {row['min_s']:>9.4f} "
                 f"{row['max_s']:>9.4f} {row['speedup']:>7.2f}x {row['token_share_attn']:>8.3f} "
                 f"{row['token_share_mlp']:>8.3f} {tflops:>8.2f}")
         if peak:

@@ -10,12 +10,16 @@ counts as merge). Ops outside every region (norms, modulation, residuals, the sa
 arithmetic, copies) are "other".
 
     regions = profile_regions(compiled, lambda: compiled(*args))   # {"attention": 0.0123, ..., "other": ...} s per call
+
+`distinct_fusions` reads the same text for what drives compile time: XLA compiles each distinct
+fused computation once per program (identical ones share a kernel).
 """
 
 from __future__ import annotations
 
 import collections
 import glob
+import hashlib
 import gzip
 import json
 import os
@@ -50,6 +54,32 @@ def region_of(op_name: str) -> str:
         if part in REGIONS:
             return part
     return OTHER
+
+
+_FUSED_HEADER = re.compile(r"^%?fused[\w.\-]*\s")
+_NAMES = re.compile(r"%[\w.\-]+")
+_METADATA = re.compile(r", metadata=\{[^}]*\}")
+
+
+def distinct_fusions(hlo_text: str) -> dict[str, int]:
+    """Distinct fused computations of a compiled module (`compiled.as_text()`) per region.
+
+    Two fusions count once when their bodies are the same up to instruction names and
+    metadata, as XLA then compiles one kernel for both. A fusion belongs to the region most of
+    its instructions come from ("other" when none is in a region).
+    """
+    seen: dict[str, str] = {}
+    for computation in hlo_text.split("\n\n"):
+        header, _, body = computation.strip().partition("\n")
+        if not _FUSED_HEADER.match(header):
+            continue
+        key = hashlib.sha1(_NAMES.sub("%", _METADATA.sub("", body)).encode()).hexdigest()
+        if key in seen:
+            continue
+        votes = collections.Counter(region_of(name) for name in re.findall(r'op_name="([^"]*)"', body))
+        votes.pop(OTHER, None)
+        seen[key] = votes.most_common(1)[0][0] if votes else OTHER
+    return dict(collections.Counter(seen.values()))
 
 
 def module_name(hlo_text: str) -> str:

@@ -8,7 +8,7 @@ import pytest
 from dit_jax.bench import main
 
 TINY = ["--variant", "DiT-S/2", "--input-size", "8", "--depth", "1", "--batch", "2", "--repeats", "2"]
-FIELDS = {"strategy", "compile_s", "median_s", "min_s", "max_s", "speedup", "token_share_attn", "token_share_mlp",
+FIELDS = {"strategy", "compile_s", "fusions", "median_s", "min_s", "max_s", "speedup", "token_share_attn", "token_share_mlp",
           "flops", "xla_flops", "achieved_flops_per_s", "share_of_peak"}
 
 
@@ -30,6 +30,8 @@ def test_bench_runs_and_writes_every_field(tmp_path, capsys, mode, strategies):
     if mode != "merge":
         assert data["results"][0]["speedup"] == 1.0
         assert data["results"][1]["token_share_mlp"] < 1.0
+        # Merging adds plan, merge and unmerge kernels to what XLA compiles.
+        assert data["results"][1]["fusions"] > data["results"][0]["fusions"] > 0
     assert "speed-up" in capsys.readouterr().out
 
 

@@ -7,7 +7,15 @@ import jax.numpy as jnp
 import pytest
 
 from dit_jax import bench
-from dit_jax.profiling import OTHER, REGIONS, _leaves, instruction_regions, profile_regions, region_of
+from dit_jax.profiling import (
+    OTHER,
+    REGIONS,
+    _leaves,
+    distinct_fusions,
+    instruction_regions,
+    profile_regions,
+    region_of,
+)
 
 
 def test_region_is_the_innermost_named_one():
@@ -23,6 +31,26 @@ def test_nested_events_count_once():
     inner = [{"pid": 1, "tid": 1, "ts": 1.0, "dur": 3.0}, {"pid": 1, "tid": 1, "ts": 5.0, "dur": 2.0}]
     other_thread = {"pid": 1, "tid": 2, "ts": 2.0, "dur": 4.0}
     assert _leaves([outer, *inner, other_thread]) == [*inner, other_thread]
+
+
+def _twice(a, b, scale_b):
+    """Two elementwise chains XLA fuses separately; the second in the mlp region."""
+    first = jnp.sin(a) * 3.0 + jnp.cos(a) / 2.0
+    with jax.named_scope("mlp"):
+        second = jnp.sin(b) * scale_b + jnp.cos(b) / 2.0
+    return first, second
+
+
+@pytest.mark.parametrize("scale_b,expected", [(3.0, {OTHER: 1}), (4.0, {OTHER: 1, "mlp": 1})])
+def test_identical_fusions_count_once(scale_b, expected):
+    # The same chain on two inputs compiles one kernel (the region votes are a tie broken by
+    # first appearance, so only the count is checked there); a different constant makes two.
+    a, b = jnp.ones(1000), jnp.full(1000, 2.0)
+    hlo = jax.jit(_twice, static_argnums=2).lower(a, b, scale_b).compile().as_text()
+    counts = distinct_fusions(hlo)
+    assert sum(counts.values()) == sum(expected.values())
+    if len(expected) == 2:
+        assert counts == expected
 
 
 def _scoped(x, w):
