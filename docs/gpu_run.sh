@@ -5,7 +5,7 @@
 # Needs .whl/ (orbax-checkpoint and diffusers wheels, for the PyTorch comparison) carried along;
 # TRAIN_SECONDS>0 also trains the embedded default (then .data/fashion-mnist/ must come too).
 # A CPU dry run: VARIANT=DiT-S/2 PIXART=PixArt-alpha-XL/2-256 PIXART_SIZE=256 BENCH_EXTRA="--depth 1" REPEATS=2 \
-#   SAMPLE_REPEATS=1 BATCHES=1 bash docs/gpu_run.sh
+#   SAMPLE_REPEATS=1 BATCHES=1 MERGE_TOKENS=256 bash docs/gpu_run.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 TRAIN_SECONDS=${TRAIN_SECONDS:-0}
@@ -52,6 +52,11 @@ bench fwd256 forward --variant "$VARIANT" $BENCH_EXTRA --image-size 256 --batch 
 # Merge plans + merge/unmerge alone for the 28 blocks of one forward (the overhead share).
 bench merge512 merge --variant "$VARIANT" $BENCH_EXTRA --image-size 512 --batch 8 --dtype bfloat16 --repeats "$REPEATS" \
   --strategies "ssm:0.5,ssm:0.5*4,idm:0.5,idm:0.5*4,tome:0.5"
+# The merge op's implementations side by side on the card (sdtm.bench_merge: scatter-add, segment
+# sum, one-hot matmul, ...), at DiT-XL/2's 1024 tokens and PixArt's 4096, 16 rows (batch 8 + guidance).
+stamp "bench_merge"
+timeout 120 python3 -m sdtm.bench_merge --tokens ${MERGE_TOKENS:-1024 4096} --batch 16 --channels 1152 --dtype bfloat16 \
+  --reps 20 2>&1 | grep -v Warning | tee "$OUT/bench_merge.log"
 # The whole sampler, 20 DDIM steps with guidance, batch 1, 8 and 32.
 for batch in ${BATCHES:-8 1 32}; do
   bench "sample512-b$batch" sample --variant "$VARIANT" $BENCH_EXTRA --image-size 512 --batch "$batch" --dtype bfloat16 \
@@ -62,3 +67,4 @@ bench pixart1024 sample --variant "$PIXART" $BENCH_EXTRA --image-size "${PIXART_
   --strategies "${PIXART_SAMPLE:-baseline,sdtm,sdtm*4,tome:0.5}" --steps 20 --repeats "${SAMPLE_REPEATS:-3}"
 stamp "done"
 grep -E "^#|^[a-z]" "$OUT/bench.log" | grep -v "^wrote"
+cat "$OUT/bench_merge.log"
