@@ -42,7 +42,14 @@ from dit_jax.models.dit import DiTConfig
 from dit_jax.nn.attention import IMPLEMENTATIONS, attention_implementation
 from dit_jax.pipeline import FAMILY_DEFAULTS, _run, prepare
 from dit_jax.profiling import OTHER, REGIONS, distinct_fusions, profile_regions
-from dit_jax.weights import BundleConfig, Weights, dit_module, model_class, use_compilation_cache
+from dit_jax.weights import (
+    BundleConfig,
+    Weights,
+    dit_module,
+    model_class,
+    use_compilation_cache,
+)
+from sdtm.config import parse_fields
 
 MODES = ("sample", "forward", "merge")
 # Dense bf16 tensor-core peaks (vendor datasheets, SXM parts), for the share-of-peak column.
@@ -94,20 +101,47 @@ class Result:
         }
 
 
+def split_strategies(text: str) -> list[str]:
+    """The --strategies list: comma-separated, where an item with "=" and no ":" continues the
+    strategy before it ("baseline,sdtm:max_phases=2,deviation=0" is two strategies)."""
+    strategies: list[str] = []
+    for item in (part.strip() for part in text.split(",")):
+        if strategies and "=" in item and ":" not in item:
+            strategies[-1] += "," + item
+        elif item:
+            strategies.append(item)
+    return strategies
+
+
 def parse_strategy(text: str):
     """NAME[:RATIO][*EVERY][/ATTENTION] -> what `sample(sdtm=...)` takes, or ("ssm"|"idm", config).
 
     NAME: baseline, sdtm, tome, or (forward and merge modes only) ssm / idm, one stage at a fixed
     ratio; EVERY: blocks sharing one plan (plan_every); ATTENTION: xla, cudnn or chunked (see attention_of).
     A trailing "+unrolled" runs the blocks as a Python loop instead of a scan (see unrolled).
+    sdtm and tome also take config fields instead of RATIO: "sdtm:max_phases=2,protect_every=3"
+    (sdtm.config.parse_fields).
     """
     text = text.partition("+")[0].partition("/")[0]
     text, _, every = text.partition("*")
     name, _, value = text.partition(":")
-    ratio = float(value) if value else None
     plan_every = int(every) if every else 1
     if name == "baseline":
         return False
+    if name in ("sdtm", "tome") and "=" in value:
+        cls = sdtm_lib.SDTMConfig if name == "sdtm" else sdtm_lib.ToMeConfig
+        try:
+            fields = parse_fields(cls, value)
+        except ValueError as e:
+            raise ValueError(f"strategy {text!r}: {e}") from None
+        if every and "plan_every" in fields:
+            raise ValueError(f"strategy {text!r} sets plan_every twice (*{every} and plan_every=)")
+        fields.setdefault("plan_every", plan_every)
+        try:
+            return cls(**fields)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"strategy {text!r}: {e}") from None
+    ratio = float(value) if value else None
     if name == "sdtm":
         return sdtm_lib.SDTMConfig(plan_every=plan_every, **({} if ratio is None else {"ratio": ratio}))
     if name == "tome":
@@ -120,7 +154,7 @@ def parse_strategy(text: str):
         return (name, stage)
     raise ValueError(
         f"unknown strategy {text!r}; use baseline, sdtm[:RATIO], tome[:RATIO], ssm:RATIO or idm:RATIO, "
-        "optionally with *EVERY (plan sharing) and /xla or /cudnn"
+        "sdtm:key=value,... or tome:key=value,..., optionally with *EVERY (plan sharing) and /xla or /cudnn"
     )
 
 
@@ -252,6 +286,9 @@ def _timed(fn: Callable[[], object]) -> float:
 
 def build_sample_cases(weights: Weights, strategies: list[str], args) -> list[Case]:
     cfg = weights.config.dit
+    # The module graph is built once per process (DiT-XL/2: about a second on CPU): build it now,
+    # so that the first strategy's compile time is its own.
+    dit_module(weights)
     cases = []
     for text in strategies:
         method = parse_strategy(text)
@@ -433,7 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--depth", type=int, help="override the variant's depth (tiny smoke runs)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    ap.add_argument("--strategies", default="baseline,sdtm,tome:0.5")
+    ap.add_argument("--strategies", default="baseline,sdtm,tome:0.5",
+                    help="comma-separated, baseline first: baseline, sdtm[:RATIO], tome[:RATIO], ssm:RATIO, idm:RATIO, "
+                    "sdtm:key=value,... (SDTMConfig fields), tome:key=value,...; suffixes *EVERY, /ATTENTION, +unrolled")
     ap.add_argument("--sampler", help="default: the family's (DiT ddim, PixArt dpm++)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, help="guidance scale (default: the family's, DiT 4.0, PixArt 4.5)")
@@ -458,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         defaults = FAMILY_DEFAULTS["dit" if isinstance(cfg, DiTConfig) else "pixart"]
         args.sampler = args.sampler or defaults.sampler
         args.cfg = defaults.cfg_scale if args.cfg is None else args.cfg
-        strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+        strategies = split_strategies(args.strategies)
         if args.mode != "merge" and (not strategies or parse_strategy(strategies[0]) is not False):
             raise ValueError("--strategies must start with baseline (speed-ups are against it)")
         for s in strategies:

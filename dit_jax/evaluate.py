@@ -54,6 +54,7 @@ import numpy as np
 import sdtm as sdtm_lib
 from dit_jax import classifier as classifier_lib
 from dit_jax.data import CLASS_NAMES, load_fashion_mnist
+from sdtm.config import parse_fields
 
 DEFAULT_OUT = Path("docs/quality.md")
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dit_jax" / "quality"
@@ -272,20 +273,6 @@ PRESETS: dict[str, EvalConfig] = dict([
 DEFAULT_CONFIGS: tuple[str, ...] = tuple(PRESETS)
 
 
-def _parse_value(text: str):
-    lowered = text.strip().lower()
-    if lowered in ("none", "null"):
-        return None
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text.strip()
-
-
 def parse_config(spec: str) -> EvalConfig:
     """A preset name, or "sdtm[:key=value,...]" / "tome[:key=value,...]" -> EvalConfig.
 
@@ -302,16 +289,12 @@ def parse_config(spec: str) -> EvalConfig:
             "sdtm:key=value,... / tome:key=value,..."
         )
     cls = sdtm_lib.SDTMConfig if kind == "sdtm" else sdtm_lib.ToMeConfig
-    names = {f.name for f in dataclasses.fields(cls)} | ({"target"} if kind == "tome" else set())
-    fields = {}
-    for item in filter(None, (part.strip() for part in rest.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq or key.strip() not in names:
-            raise ValueError(f"{spec!r}: {item!r} is not key=value with key one of {sorted(names)}")
-        fields[key.strip()] = value.strip() if key.strip() == "target" else _parse_value(value)
-    if "window" in fields and isinstance(fields["window"], int):
-        fields["window"] = (fields["window"], fields["window"])
+    try:
+        fields = parse_fields(cls, rest, frozenset({"target"}) if kind == "tome" else frozenset())
+    except ValueError as e:
+        raise ValueError(f"{spec!r}: {e}") from None
     target = fields.pop("target", None)
+    target = None if target is None else str(target)
     if kind == "tome" and fields.get("ratio") == MATCH:
         try:
             cls(**dict(fields, ratio=0.5))  # validate the other fields now

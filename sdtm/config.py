@@ -197,3 +197,40 @@ class ToMeConfig:
 
     def replace(self, **changes) -> ToMeConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _parse_value(text: str):
+    """"none" -> None, "true"/"false" -> bool, then int, float, else the stripped text."""
+    lowered = text.strip().lower()
+    if lowered in ("none", "null"):
+        return None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def parse_fields(cls: type, text: str, extra: frozenset[str] = frozenset()) -> dict:
+    """"key=value,..." -> {field: value} for the config class `cls` (SDTMConfig or ToMeConfig),
+    as the command lines take settings: "ratio=0.3,protect_every=3,frequency=none".
+
+    Values become None, bools, ints or floats where they read as such, else strings; an int
+    window w means (w, w). Keys may also be the names in `extra` (for the caller's own
+    options). Raises ValueError naming the item that is not key=value with a known key; the
+    values themselves are checked when the config is made.
+    """
+    names = {field.name for field in dataclasses.fields(cls)} | set(extra)
+    fields = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or key not in names:
+            raise ValueError(f"{item!r} is not key=value with key one of {sorted(names)}")
+        fields[key] = _parse_value(value)
+    if isinstance(fields.get("window"), int):
+        fields["window"] = (fields["window"], fields["window"])
+    return fields

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from dit_jax.bench import main
+import sdtm
+from dit_jax.bench import main, parse_strategy, split_strategies
 
 TINY = ["--variant", "DiT-S/2", "--input-size", "8", "--depth", "1", "--batch", "2", "--repeats", "2"]
 FIELDS = {"strategy", "compile_s", "fusions", "median_s", "min_s", "max_s", "speedup", "token_share_attn", "token_share_mlp",
@@ -44,3 +45,21 @@ def test_bench_bad_options(capsys):
     assert "--torch compares one forward pass" in capsys.readouterr().err
     assert main(["sample", "--image-size", "100"]) == 2
     assert "not a multiple of 8" in capsys.readouterr().err
+
+
+def test_strategies_take_config_fields():
+    assert split_strategies("baseline, sdtm:max_phases=2,deviation=0 ,tome:0.5,sdtm*4") == [
+        "baseline", "sdtm:max_phases=2,deviation=0", "tome:0.5", "sdtm*4"]
+    assert parse_strategy("sdtm:max_phases=2,deviation=0*4") == sdtm.SDTMConfig(max_phases=2, deviation=0, plan_every=4)
+    assert parse_strategy("tome:ratio=0.3,merge_mlp=true") == sdtm.ToMeConfig(ratio=0.3, merge_mlp=True)
+    assert parse_strategy("sdtm:0.3") == sdtm.SDTMConfig(ratio=0.3)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("sdtm:max_phase=2", "'max_phase=2' is not key=value"),
+    ("sdtm:plan_every=2*4", "sets plan_every twice"),
+    ("tome:ratio=2", "strategy 'tome:ratio=2': ratio 2 is outside"),
+])
+def test_bad_config_fields_name_the_strategy(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_strategy(text)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import sdtm
 from sdtm import IDMMerger, NoMerger, SDTMConfig, SSMMerger, ToMeConfig, ToMeMerger
+from sdtm.config import parse_fields
 
 SETTINGS = settings(max_examples=20, deadline=None)
 
@@ -158,6 +159,18 @@ def test_non_square_grid_and_switch_step_forms():
 def test_config_errors(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_settings_parse_from_command_line_text():
+    fields = parse_fields(SDTMConfig, " ratio=0.3, protect_every=3,frequency=none,window=2,proportional_attention=true")
+    assert fields == {"ratio": 0.3, "protect_every": 3, "frequency": None, "window": (2, 2),
+                      "proportional_attention": True}
+    assert SDTMConfig(**fields).frequency is None
+    assert parse_fields(ToMeConfig, "ratio=0.4,target=sdtm", extra=frozenset({"target"})) == {"ratio": 0.4, "target": "sdtm"}
+    with pytest.raises(ValueError, match="'rate=0.3' is not key=value with key one of"):
+        parse_fields(SDTMConfig, "rate=0.3")
+    with pytest.raises(ValueError, match="'ratio' is not key=value"):
+        parse_fields(ToMeConfig, "ratio")
 
 
 @pytest.mark.parametrize(
