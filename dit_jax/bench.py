@@ -286,9 +286,6 @@ def _timed(fn: Callable[[], object]) -> float:
 
 def build_sample_cases(weights: Weights, strategies: list[str], args) -> list[Case]:
     cfg = weights.config.dit
-    # The module graph is built once per process (DiT-XL/2: about a second on CPU): build it now,
-    # so that the first strategy's compile time is its own.
-    dit_module(weights)
     cases = []
     for text in strategies:
         method = parse_strategy(text)
@@ -512,6 +509,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.compile_cache:
             use_compilation_cache(args.compile_cache)
         weights = random_weights(cfg, dtype)
+        # The module graph is built once per process (DiT-XL/2: about a second on CPU): build it
+        # now, so that the first strategy's compile time is its own.
+        dit_module(weights)
         builder = {"sample": build_sample_cases, "forward": build_forward_cases, "merge": build_merge_cases}[args.mode]
         cases = builder(weights, strategies, args)
     except ValueError as e:
