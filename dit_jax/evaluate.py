@@ -294,7 +294,6 @@ def parse_config(spec: str) -> EvalConfig:
     except ValueError as e:
         raise ValueError(f"{spec!r}: {e}") from None
     target = fields.pop("target", None)
-    target = None if target is None else str(target)
     if kind == "tome" and fields.get("ratio") == MATCH:
         try:
             cls(**dict(fields, ratio=0.5))  # validate the other fields now

@@ -219,9 +219,9 @@ def parse_fields(cls: type, text: str, extra: frozenset[str] = frozenset()) -> d
     as the command lines take settings: "ratio=0.3,protect_every=3,frequency=none".
 
     Values become None, bools, ints or floats where they read as such, else strings; an int
-    window w means (w, w). Keys may also be the names in `extra` (for the caller's own
-    options). Raises ValueError naming the item that is not key=value with a known key; the
-    values themselves are checked when the config is made.
+    window w means (w, w). Keys may also be the names in `extra`, the caller's own options,
+    whose values stay the text given. Raises ValueError naming the item that is not key=value
+    with a known key; the values themselves are checked when the config is made.
     """
     names = {field.name for field in dataclasses.fields(cls)} | set(extra)
     fields = {}
@@ -230,7 +230,7 @@ def parse_fields(cls: type, text: str, extra: frozenset[str] = frozenset()) -> d
         key = key.strip()
         if not eq or key not in names:
             raise ValueError(f"{item!r} is not key=value with key one of {sorted(names)}")
-        fields[key] = _parse_value(value)
+        fields[key] = value.strip() if key in extra else _parse_value(value)
     if isinstance(fields.get("window"), int):
         fields["window"] = (fields["window"], fields["window"])
     return fields

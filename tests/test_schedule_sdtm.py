@@ -166,7 +166,7 @@ def test_settings_parse_from_command_line_text():
     assert fields == {"ratio": 0.3, "protect_every": 3, "frequency": None, "window": (2, 2),
                       "proportional_attention": True}
     assert SDTMConfig(**fields).frequency is None
-    assert parse_fields(ToMeConfig, "ratio=0.4,target=sdtm", extra=frozenset({"target"})) == {"ratio": 0.4, "target": "sdtm"}
+    assert parse_fields(ToMeConfig, "ratio=0.4,target=1.0", extra=frozenset({"target"})) == {"ratio": 0.4, "target": "1.0"}
     with pytest.raises(ValueError, match="'rate=0.3' is not key=value with key one of"):
         parse_fields(SDTMConfig, "rate=0.3")
     with pytest.raises(ValueError, match="'ratio' is not key=value"):
