@@ -9,14 +9,15 @@ Variants: DiT-{S,B,L,XL}/{2,4,8} and PixArt-{alpha,Sigma}-XL/2-{256,512,1024} (d
 PixArt runs on random T5 embeddings of its full text length (the text encoder runs once per
 prompt, outside the sampling loop, so it is not timed).
 
-Random weights (speed does not depend on their values). Every strategy is compiled first (compile
-time reported apart, with `fusions`: the distinct fused kernels XLA compiled, which compile time
-grows with), then the strategies run interleaved, `repeats` rounds, and the table gives
-the median / min / max run time and the speed-up against the baseline of the same run. Latent
-models are timed without the VAE. FLOPs are counted from the config and the merge counts (matmul
-and attention FLOPs); XLA's own count is shown where it has one. `--profile` then traces each
-strategy and splits its op time by region (attention, MLP, merge plans, merge, unmerge, IDM's key
-attention, other; dit_jax.profiling): where a merged forward's time goes.
+Random weights (speed does not depend on their values). Every strategy is compiled first, from
+scratch in `--compile-rounds` round-robin rounds (the median reported apart, with `fusions`: the
+distinct fused kernels XLA compiled, which compile time grows with), then the strategies run
+interleaved, `repeats` rounds, and the table gives the median / min / max run time and the
+speed-up against the baseline of the same run. Latent models are timed without the VAE. FLOPs
+are counted from the config and the merge counts (matmul and attention FLOPs); XLA's own count
+is shown where it has one. `--profile` then traces each strategy and splits its op time by
+region (attention, MLP, merge plans, merge, unmerge, IDM's key attention, other;
+dit_jax.profiling): where a merged forward's time goes.
 """
 
 from __future__ import annotations
@@ -62,12 +63,13 @@ class Case:
 
     name: str
     run: Callable[[], object]
-    compile_s: float
+    compile_s: float  # median of compile_times_s
     attn_share: float  # share of the attention token passes left
     mlp_share: float
     flops: float  # counted from the config, per call
     xla_flops: float | None  # XLA's cost analysis, where it has one
     compiled: object | None = None  # the XLA executable (None for PyTorch), for --profile
+    compile_times_s: tuple[float, ...] = ()  # every round's compile (trace + lower + XLA)
 
 
 @dataclasses.dataclass
@@ -86,6 +88,7 @@ class Result:
         return {
             "strategy": case.name,
             "compile_s": round(case.compile_s, 3),
+            "compile_times_s": [round(t, 3) for t in case.compile_times_s],
             # Distinct fused kernels XLA compiled for the call: what compile time grows with.
             "fusions": None if case.compiled is None else sum(distinct_fusions(case.compiled.as_text()).values()),
             "median_s": self.median_s,
@@ -278,6 +281,43 @@ def _compile(text: str, lower: Callable):
         return None
 
 
+@dataclasses.dataclass
+class Pending:
+    """A strategy to compile: `lower()` traces and lowers it, `case(compiled)` makes its Case."""
+
+    text: str
+    lower: Callable[[], object]
+    case: Callable[[object], Case]
+
+
+def compile_cases(pending: list[Pending], rounds: int) -> list[Case]:
+    """Compile every strategy `rounds` times, round-robin, each time from scratch (jax's caches
+    cleared: trace, lowering and XLA all counted), and report the median as its compile time.
+
+    One compile per strategy in a fixed order is not a fair figure: on this project's CPU VM a
+    process's first compiles run up to 2x slower than later ones (fresh memory), and a strategy
+    compiled after a similar one came out up to 40% faster, so the order decided the ratios.
+    """
+    times: dict[int, list[float]] = {i: [] for i in range(len(pending))}
+    compiled: dict[int, object] = {}
+    for _ in range(rounds):
+        for i, item in enumerate(pending):
+            if i in compiled and compiled[i] is None:
+                continue  # does not compile here (reported once)
+            jax.clear_caches()
+            start = time.perf_counter()
+            compiled[i] = _compile(item.text, item.lower)
+            times[i].append(time.perf_counter() - start)
+    cases = []
+    for i, item in enumerate(pending):
+        if compiled[i] is not None:
+            case = item.case(compiled[i])
+            case.compile_times_s = tuple(times[i])
+            case.compile_s = statistics.median(times[i])
+            cases.append(case)
+    return cases
+
+
 def _timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     jax.block_until_ready(fn())
@@ -300,11 +340,6 @@ def build_sample_cases(weights: Weights, strategies: list[str], args) -> list[Ca
             output="latents", negative_prompt=negative,
         )
         plan = dataclasses.replace(plan, scan_blocks=not unrolled(text))
-        start = time.perf_counter()
-        compiled = _compile(text, lambda: _run.lower(*call_args, plan=plan))
-        if compiled is None:
-            continue
-        compile_s = time.perf_counter() - start
         model_batch = args.batch * (2 if plan.guided else 1)
         attn_share = mlp_share = flops = 0.0
         for phase in plan.phases:
@@ -313,9 +348,11 @@ def build_sample_cases(weights: Weights, strategies: list[str], args) -> list[Ca
             mlp_share += m * phase.num_steps
             flops += forward_flops(cfg, a, m) * phase.num_steps * model_batch
         total = cfg.num_tokens * plan.sampler.num_steps
-        cases.append(Case(text, lambda c=compiled, a=call_args: c(*a), compile_s, attn_share / total,
-                          mlp_share / total, flops, _xla_flops(compiled), compiled))
-    return cases
+        cases.append(Pending(
+            text, lambda a=call_args, p=plan: _run.lower(*a, plan=p),
+            lambda c, text=text, a=call_args, shares=(attn_share / total, mlp_share / total), flops=flops: Case(
+                text, lambda: c(*a), 0.0, *shares, flops, _xla_flops(c), c)))
+    return compile_cases(cases, args.compile_rounds)
 
 
 def build_forward_cases(weights: Weights, strategies: list[str], args):
@@ -337,14 +374,12 @@ def build_forward_cases(weights: Weights, strategies: list[str], args):
             phase = sdtm_lib.schedule(method, 1, n, grid=cfg.grid)[0]
         fn = jax.jit(functools.partial(
             _forward, graphdef=None if unrolled(text) else graphdef, merger=None if phase is None else phase.merger))
-        start = time.perf_counter()
-        compiled = _compile(text, lambda: fn.lower(weights, stacked, x, t, y))
-        if compiled is None:
-            continue
-        compile_s = time.perf_counter() - start
         a, m = (n, n) if phase is None else phase_tokens(phase, n)
-        cases.append(Case(text, lambda c=compiled: c(weights, stacked, x, t, y), compile_s, a / n, m / n,
-                          forward_flops(cfg, a, m) * args.batch, _xla_flops(compiled), compiled))
+        cases.append(Pending(
+            text, lambda fn=fn: fn.lower(weights, stacked, x, t, y),
+            lambda c, text=text, a=a, m=m: Case(text, lambda: c(weights, stacked, x, t, y), 0.0, a / n, m / n,
+                                                forward_flops(cfg, a, m) * args.batch, _xla_flops(c), c)))
+    cases = compile_cases(cases, args.compile_rounds)
     if args.torch:
         cases.append(torch_case(weights, x, t, y, args))
     return cases
@@ -382,11 +417,9 @@ def build_merge_cases(weights: Weights, strategies: list[str], args):
             return x
 
         fn = jax.jit(blocks)
-        start = time.perf_counter()
-        compiled = fn.lower(x).compile()
-        compile_s = time.perf_counter() - start
-        cases.append(Case(text, lambda c=compiled: c(x), compile_s, 1.0, 1.0, 0.0, _xla_flops(compiled), compiled))
-    return cases
+        cases.append(Pending(text, lambda fn=fn: fn.lower(x),
+                             lambda c, text=text: Case(text, lambda: c(x), 0.0, 1.0, 1.0, 0.0, _xla_flops(c), c)))
+    return compile_cases(cases, args.compile_rounds)
 
 
 def torch_case(weights: Weights, x, t, y, args):
@@ -475,6 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cfg", type=float, help="guidance scale (default: the family's, DiT 4.0, PixArt 4.5)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--torch", action="store_true", help="forward mode: add diffusers' DiT on the same hardware")
+    ap.add_argument("--compile-rounds", type=int, default=3,
+                    help="compile every strategy this many times, round-robin, from scratch; report the median "
+                    "(with --compile-cache, rounds after the first load from the cache)")
     ap.add_argument("--compile-cache", metavar="DIR", help="persistent compilation cache folder (reused across runs)")
     ap.add_argument("--profile", action="store_true",
                     help="after timing, profile each strategy: op time per region (attention, MLP, merge plans, ...)")
@@ -482,8 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     try:
-        if args.repeats < 1 or args.batch < 1:
-            raise ValueError("--repeats and --batch must be >= 1")
+        if args.repeats < 1 or args.batch < 1 or args.compile_rounds < 1:
+            raise ValueError("--repeats, --batch and --compile-rounds must be >= 1")
         if args.image_size % 8 and args.input_size is None:
             raise ValueError(f"--image-size {args.image_size} is not a multiple of 8 (the VAE's factor)")
         changes = {"input_size": args.input_size or args.image_size // 8}

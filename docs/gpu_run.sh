@@ -38,10 +38,12 @@ if [ "$TRAIN_SECONDS" -gt 0 ]; then
   fi
 fi
 
-bench() {  # name, then bench arguments; each call at most 240 s
+bench() {  # name, then bench arguments; each call at most 240 s. One compile per strategy unless
+  # the call asks for more rounds (to fit the device time); the batch-8 sampler run takes 3.
   local name=$1; shift
   stamp "bench $name: $*"
-  timeout 240 python3 -m dit_jax.bench "$@" --json "$OUT/bench-$name.json" 2>&1 | grep -v Warning | tee -a "$OUT/bench.log"
+  timeout 240 python3 -m dit_jax.bench --compile-rounds "${COMPILE_ROUNDS:-1}" "$@" --json "$OUT/bench-$name.json" 2>&1 \
+    | grep -v Warning | tee -a "$OUT/bench.log"
 }
 # One forward of DiT-XL/2 at 512 px (batch 8): where merging pays and where it does not (--profile:
 # kernel time per region: attention, MLP, merge plans, merge, unmerge), and PyTorch.
@@ -60,7 +62,8 @@ timeout 120 python3 -m sdtm.bench_merge --tokens ${MERGE_TOKENS:-1024 4096} --ba
 # The whole sampler, 20 DDIM steps with guidance, batch 1, 8 and 32.
 for batch in ${BATCHES:-8 1 32}; do
   bench "sample512-b$batch" sample --variant "$VARIANT" $BENCH_EXTRA --image-size 512 --batch "$batch" --dtype bfloat16 \
-    --strategies "${SAMPLE:-baseline,sdtm,sdtm*4,sdtm:max_phases=2,tome:0.5}" --steps 20 --repeats "${SAMPLE_REPEATS:-3}"
+    --strategies "${SAMPLE:-baseline,sdtm,sdtm*4,sdtm:max_phases=2,tome:0.5}" --steps 20 --repeats "${SAMPLE_REPEATS:-3}" \
+    $( [ "$batch" = 8 ] && echo --compile-rounds 3 )
 done
 # PixArt at 1024 px (4,096 image tokens), 20 DPM-Solver++ steps with guidance, random weights and text.
 bench pixart1024 sample --variant "$PIXART" $BENCH_EXTRA --image-size "${PIXART_SIZE:-1024}" --batch 2 --dtype bfloat16 \

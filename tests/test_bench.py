@@ -8,8 +8,9 @@ import pytest
 import sdtm
 from dit_jax.bench import main, parse_strategy, split_strategies
 
-TINY = ["--variant", "DiT-S/2", "--input-size", "8", "--depth", "1", "--batch", "2", "--repeats", "2"]
-FIELDS = {"strategy", "compile_s", "fusions", "median_s", "min_s", "max_s", "speedup", "token_share_attn", "token_share_mlp",
+TINY = ["--variant", "DiT-S/2", "--input-size", "8", "--depth", "1", "--batch", "2", "--repeats", "2",
+        "--compile-rounds", "2"]
+FIELDS = {"strategy", "compile_s", "compile_times_s", "fusions", "median_s", "min_s", "max_s", "speedup", "token_share_attn", "token_share_mlp",
           "flops", "xla_flops", "achieved_flops_per_s", "share_of_peak"}
 
 
@@ -28,6 +29,9 @@ def test_bench_runs_and_writes_every_field(tmp_path, capsys, mode, strategies):
     for row in data["results"]:
         assert set(row) == FIELDS
         assert row["median_s"] > 0 and row["min_s"] <= row["median_s"] <= row["max_s"]
+        # Two compiles from scratch each, the median reported.
+        assert len(row["compile_times_s"]) == 2 and min(row["compile_times_s"]) > 0
+        assert row["compile_s"] == pytest.approx(sum(row["compile_times_s"]) / 2, abs=1e-3)
     if mode != "merge":
         assert data["results"][0]["speedup"] == 1.0
         assert data["results"][1]["token_share_mlp"] < 1.0
@@ -45,6 +49,8 @@ def test_bench_bad_options(capsys):
     assert "--torch compares one forward pass" in capsys.readouterr().err
     assert main(["sample", "--image-size", "100"]) == 2
     assert "not a multiple of 8" in capsys.readouterr().err
+    assert main(["sample", *TINY, "--compile-rounds", "0"]) == 2
+    assert "--compile-rounds must be >= 1" in capsys.readouterr().err
 
 
 def test_strategies_take_config_fields():
