@@ -112,6 +112,21 @@ def test_default_schedule_at_50_steps():
     assert len(phases) == 4 and phases[-1].stop == 50
     assert all(not p.merger.needs_key_attention for p in phases if p.strategy == "ssm")
     assert all(p.merger.needs_key_attention for p in phases if p.strategy == "idm")
+    counts = [p.merge_count for p in phases if p.strategy == "idm"]
+    assert counts == sorted(counts, reverse=True) and len(counts) > 1  # the ratio falls along the steps
+
+
+def test_two_phases_round_each_stage_down():
+    # max_phases=2 (the compile-time option): each stage at the least count the paper's schedule
+    # gives its steps, so no step merges more than compression ratio adjusting says.
+    def count(i):  # CRA at step i of 50, 256 tokens
+        return math.floor(256 * (0.3 + 0.4 * math.cos(math.pi / 2 * i / 49)))
+
+    ssm, idm = sdtm.schedule(SDTMConfig(max_phases=2), 50, 256)
+    assert (ssm.strategy, ssm.start, ssm.stop) == ("ssm", 0, 20)
+    assert (idm.strategy, idm.start, idm.stop) == ("idm", 20, 50)
+    assert ssm.merge_count == min(count(i) // 3 * 3 for i in range(20))  # whole 2x2 windows
+    assert idm.merge_count == count(49) == 76
 
 
 def test_zero_counts_apart_stay_apart():
