@@ -63,7 +63,7 @@ class Case:
 
     name: str
     run: Callable[[], object]
-    compile_s: float  # median of compile_times_s
+    compile_s: float  # median of compile_times_s (PyTorch: its warm-up call)
     attn_share: float  # share of the attention token passes left
     mlp_share: float
     flops: float  # counted from the config, per call
@@ -283,11 +283,15 @@ def _compile(text: str, lower: Callable):
 
 @dataclasses.dataclass
 class Pending:
-    """A strategy to compile: `lower()` traces and lowers it, `case(compiled)` makes its Case."""
+    """A strategy before compiling: `lower()` traces and lowers it, `call(compiled)` makes one
+    call of the result; the rest becomes its Case."""
 
     text: str
     lower: Callable[[], object]
-    case: Callable[[object], Case]
+    call: Callable[[object], object]
+    attn_share: float
+    mlp_share: float
+    flops: float
 
 
 def compile_cases(pending: list[Pending], rounds: int) -> list[Case]:
@@ -295,8 +299,9 @@ def compile_cases(pending: list[Pending], rounds: int) -> list[Case]:
     cleared: trace, lowering and XLA all counted), and report the median as its compile time.
 
     One compile per strategy in a fixed order is not a fair figure: on this project's CPU VM a
-    process's first compiles run up to 2x slower than later ones (fresh memory), and a strategy
-    compiled after a similar one came out up to 40% faster, so the order decided the ratios.
+    process's first compiles ran about 2x slower than later ones (why is a guess: memory the VM
+    had not touched yet), and a strategy compiled after a similar one about 40% faster, so the
+    order decided the ratios.
     """
     times: dict[int, list[float]] = {i: [] for i in range(len(pending))}
     compiled: dict[int, object] = {}
@@ -308,14 +313,11 @@ def compile_cases(pending: list[Pending], rounds: int) -> list[Case]:
             start = time.perf_counter()
             compiled[i] = _compile(item.text, item.lower)
             times[i].append(time.perf_counter() - start)
-    cases = []
-    for i, item in enumerate(pending):
-        if compiled[i] is not None:
-            case = item.case(compiled[i])
-            case.compile_times_s = tuple(times[i])
-            case.compile_s = statistics.median(times[i])
-            cases.append(case)
-    return cases
+    return [
+        Case(item.text, functools.partial(item.call, c), statistics.median(times[i]), item.attn_share,
+             item.mlp_share, item.flops, _xla_flops(c), c, tuple(times[i]))
+        for i, item in enumerate(pending) if (c := compiled[i]) is not None
+    ]
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -326,7 +328,7 @@ def _timed(fn: Callable[[], object]) -> float:
 
 def build_sample_cases(weights: Weights, strategies: list[str], args) -> list[Case]:
     cfg = weights.config.dit
-    cases = []
+    pending = []
     for text in strategies:
         method = parse_strategy(text)
         if isinstance(method, tuple):
@@ -348,11 +350,9 @@ def build_sample_cases(weights: Weights, strategies: list[str], args) -> list[Ca
             mlp_share += m * phase.num_steps
             flops += forward_flops(cfg, a, m) * phase.num_steps * model_batch
         total = cfg.num_tokens * plan.sampler.num_steps
-        cases.append(Pending(
-            text, lambda a=call_args, p=plan: _run.lower(*a, plan=p),
-            lambda c, text=text, a=call_args, shares=(attn_share / total, mlp_share / total), flops=flops: Case(
-                text, lambda: c(*a), 0.0, *shares, flops, _xla_flops(c), c)))
-    return compile_cases(cases, args.compile_rounds)
+        pending.append(Pending(text, lambda a=call_args, p=plan: _run.lower(*a, plan=p), lambda c, a=call_args: c(*a),
+                               attn_share / total, mlp_share / total, flops))
+    return compile_cases(pending, args.compile_rounds)
 
 
 def build_forward_cases(weights: Weights, strategies: list[str], args):
@@ -364,7 +364,7 @@ def build_forward_cases(weights: Weights, strategies: list[str], args):
     # Blocks stacked once, outside the timed call, as the sampler does before its loop.
     graphdef = dit_module(weights).stacked_blocks()[0]
     stacked = jax.jit(lambda w: dit_module(w).stacked_blocks()[1])(weights)
-    cases = []
+    pending = []
     for text in strategies:
         method = parse_strategy(text)
         phase = None
@@ -375,11 +375,9 @@ def build_forward_cases(weights: Weights, strategies: list[str], args):
         fn = jax.jit(functools.partial(
             _forward, graphdef=None if unrolled(text) else graphdef, merger=None if phase is None else phase.merger))
         a, m = (n, n) if phase is None else phase_tokens(phase, n)
-        cases.append(Pending(
-            text, lambda fn=fn: fn.lower(weights, stacked, x, t, y),
-            lambda c, text=text, a=a, m=m: Case(text, lambda: c(weights, stacked, x, t, y), 0.0, a / n, m / n,
-                                                forward_flops(cfg, a, m) * args.batch, _xla_flops(c), c)))
-    cases = compile_cases(cases, args.compile_rounds)
+        pending.append(Pending(text, lambda fn=fn: fn.lower(weights, stacked, x, t, y),
+                               lambda c: c(weights, stacked, x, t, y), a / n, m / n, forward_flops(cfg, a, m) * args.batch))
+    cases = compile_cases(pending, args.compile_rounds)
     if args.torch:
         cases.append(torch_case(weights, x, t, y, args))
     return cases
@@ -397,7 +395,7 @@ def build_merge_cases(weights: Weights, strategies: list[str], args):
     cfg = weights.config.dit
     n, d = cfg.num_tokens, cfg.hidden_size
     x = jax.random.normal(jax.random.key(0), (args.batch, n, d), weights.dtype)
-    cases = []
+    pending = []
     for text in strategies:
         method = parse_strategy(text)
         if method is False:
@@ -417,9 +415,8 @@ def build_merge_cases(weights: Weights, strategies: list[str], args):
             return x
 
         fn = jax.jit(blocks)
-        cases.append(Pending(text, lambda fn=fn: fn.lower(x),
-                             lambda c, text=text: Case(text, lambda: c(x), 0.0, 1.0, 1.0, 0.0, _xla_flops(c), c)))
-    return compile_cases(cases, args.compile_rounds)
+        pending.append(Pending(text, lambda fn=fn: fn.lower(x), lambda c: c(x), 1.0, 1.0, 0.0))
+    return compile_cases(pending, args.compile_rounds)
 
 
 def torch_case(weights: Weights, x, t, y, args):
