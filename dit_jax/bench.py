@@ -43,13 +43,7 @@ from dit_jax.models.dit import DiTConfig
 from dit_jax.nn.attention import IMPLEMENTATIONS, attention_implementation
 from dit_jax.pipeline import FAMILY_DEFAULTS, _run, prepare
 from dit_jax.profiling import OTHER, REGIONS, distinct_fusions, profile_regions
-from dit_jax.weights import (
-    BundleConfig,
-    Weights,
-    dit_module,
-    model_class,
-    use_compilation_cache,
-)
+from dit_jax.weights import BundleConfig, Weights, dit_module, model_class, use_compilation_cache
 from sdtm.config import parse_fields
 
 MODES = ("sample", "forward", "merge")

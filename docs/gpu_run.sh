@@ -61,9 +61,10 @@ timeout 120 python3 -m sdtm.bench_merge --tokens ${MERGE_TOKENS:-1024 4096} --ba
   --reps 20 2>&1 | grep -v Warning | tee "$OUT/bench_merge.log"
 # The whole sampler, 20 DDIM steps with guidance, batch 1, 8 and 32.
 for batch in ${BATCHES:-8 1 32}; do
+  rounds=1; [ "$batch" = 8 ] && rounds=3
   bench "sample512-b$batch" sample --variant "$VARIANT" $BENCH_EXTRA --image-size 512 --batch "$batch" --dtype bfloat16 \
     --strategies "${SAMPLE:-baseline,sdtm,sdtm*4,sdtm:max_phases=2,tome:0.5}" --steps 20 --repeats "${SAMPLE_REPEATS:-3}" \
-    $( [ "$batch" = 8 ] && echo --compile-rounds 3 )
+    --compile-rounds "$rounds"
 done
 # PixArt at 1024 px (4,096 image tokens), 20 DPM-Solver++ steps with guidance, random weights and text.
 bench pixart1024 sample --variant "$PIXART" $BENCH_EXTRA --image-size "${PIXART_SIZE:-1024}" --batch 2 --dtype bfloat16 \
