@@ -23,14 +23,14 @@ from sdtm.merger import MergeState, advance_counters, check_state, state_priorit
 from sdtm.ops import (
     MergePlan,
     as_pair,
+    best_destinations,
     check_merge_count,
     checked_windows,
     identity_plan,
-    match_sources,
     merge_top_sources,
-    split_windows,
-    take_along,
+    to_windows,
     unit_tokens,
+    window_destinations,
 )
 
 IDM_SCORES = ("attention", "frequency")
@@ -75,16 +75,15 @@ def idm_plan(
         dst_score = priority.astype(jnp.float32)
     else:
         dst_score = jnp.zeros((batch, num_tokens), jnp.float32)
-    dst_pos = jnp.argmax(dst_score[:, windows], axis=-1)  # (B, W), first position on ties
-    dst_tokens, src_tokens = split_windows(windows, dst_pos)
-    best_similarity, best_dst = match_sources(unit_tokens(metric).astype(metric.dtype), dst_tokens, src_tokens)  # (B, S)
-    if attention is not None:
-        rank = take_along(inattentiveness(attention), src_tokens)
-    else:
-        rank = best_similarity
+    grid, window = as_pair(grid), as_pair(window)
+    dst_pos = jnp.argmax(to_windows(dst_score, grid, window), axis=-1)  # (B, W), first position on ties
+    is_dst, dst_token = window_destinations(dst_pos, grid, window)
+    unit = unit_tokens(metric).astype(metric.dtype)
+    best_similarity, best_dst = best_destinations(unit, dst_token)  # (B, N)
+    rank = best_similarity if attention is None else inattentiveness(attention)
     if priority is not None:
-        rank = rank + a_d * take_along(priority.astype(jnp.float32), src_tokens)
-    return merge_top_sources(src_tokens, best_dst, rank, merge_count, num_tokens)
+        rank = rank + a_d * priority.astype(jnp.float32)
+    return merge_top_sources(is_dst, best_dst, rank, merge_count)
 
 
 @dataclasses.dataclass(frozen=True)

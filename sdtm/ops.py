@@ -116,13 +116,17 @@ def identity_plan(batch: int, num_tokens: int) -> MergePlan:
     )
 
 
-def plan_from_parents(parent: jax.Array, is_src: jax.Array, merge_count: int) -> MergePlan:
+def plan_from_parents(
+    parent: jax.Array, is_src: jax.Array, merge_count: int, group_size: jax.Array | None = None
+) -> MergePlan:
     """Build the plan in which every source token n joins the group seeded by token parent[n].
 
     parent: int [B, N], parent[n] = n for every token that seeds its own slot; a source's
       parent must itself be a seed (groups are stars, never chains).
     is_src: bool [B, N] with exactly `merge_count` True per row (the caller guarantees it;
       a static shape cannot be checked against data without a host sync).
+    group_size: optional [B, N], the size of the group each seed token leads (read at the
+      seeds only), when the caller knows it (SSM: K or 1); None counts the sources per slot.
     Slots are ordered by their seed's token index, sources by their own index.
     """
     batch, num_tokens = parent.shape
@@ -137,12 +141,15 @@ def plan_from_parents(parent: jax.Array, is_src: jax.Array, merge_count: int) ->
     place = jnp.zeros((batch, num_tokens), jnp.int32).at[rows, order].set(tokens, unique_indices=True)
     token_slot = take_along(place, parent.astype(jnp.int32))  # (B, N): the slot of each token's seed
     src_slot = take_along(token_slot, src_index)  # (B, R)
-    group_size = jnp.ones((batch, num_slots), jnp.float32).at[rows, src_slot].add(1.0)
+    if group_size is None:
+        slot_size = jnp.ones((batch, num_slots), jnp.float32).at[rows, src_slot].add(1.0)
+    else:
+        slot_size = take_along(group_size.astype(jnp.float32), keep_index)
     return MergePlan(
         keep_index=keep_index,
         src_index=src_index,
         src_slot=src_slot,
-        slot_scale=1.0 / group_size,
+        slot_scale=1.0 / slot_size,
         token_slot=token_slot,
     )
 
@@ -211,9 +218,31 @@ def token_window_position(grid: tuple[int, int], window: tuple[int, int]) -> tup
     return token_window, token_pos
 
 
+def to_windows(values: jax.Array, grid: tuple[int, int], window: tuple[int, int]) -> jax.Array:
+    """Every window's tokens: [B, N, ...] -> [B, num_windows, K, ...], laid out as
+    `window_tokens` (windows and in-window positions row-major). Reshapes and a transpose, no
+    gather: XLA fuses it into whatever reads it."""
+    height, width = grid
+    win_h, win_w = window
+    batch, rest = values.shape[0], values.shape[2:]
+    blocks = values.reshape(batch, height // win_h, win_h, width // win_w, win_w, *rest)
+    blocks = jnp.moveaxis(blocks, 3, 2)  # (B, H / win_h, W / win_w, win_h, win_w, ...)
+    return blocks.reshape(batch, (height // win_h) * (width // win_w), win_h * win_w, *rest)
+
+
+def from_windows(values: jax.Array, grid: tuple[int, int], window: tuple[int, int]) -> jax.Array:
+    """The inverse of `to_windows`: [B, num_windows, K, ...] -> [B, N, ...]."""
+    height, width = grid
+    win_h, win_w = window
+    batch, rest = values.shape[0], values.shape[3:]
+    blocks = values.reshape(batch, height // win_h, width // win_w, win_h, win_w, *rest)
+    blocks = jnp.moveaxis(blocks, 2, 3)  # (B, H / win_h, win_h, W / win_w, win_w, ...)
+    return blocks.reshape(batch, height * width, *rest)
+
+
 def window_sum(values: jax.Array, grid: tuple[int, int], window: tuple[int, int]) -> jax.Array:
     """Sum over each window: [B, N, ...] -> [B, num_windows, ...] (windows row-major, as in
-    `window_tokens`). A reshape and a reduction, no gather."""
+    `window_tokens`). A reshape and a reduction, no transpose."""
     height, width = grid
     win_h, win_w = window
     batch, rest = values.shape[0], values.shape[2:]
@@ -259,56 +288,46 @@ def unit_tokens(metric: jax.Array, eps: float = 1e-6) -> jax.Array:
     return x / jnp.maximum(norm, eps)
 
 
-@functools.lru_cache(maxsize=16)
-def _other_positions(k: int) -> np.ndarray:
-    """int32 [K, K-1]: row d lists the in-window positions other than d, ascending."""
-    return np.array([[p for p in range(k) if p != d] for d in range(k)], np.int32)
-
-
-def split_windows(windows: np.ndarray, dst_pos: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """One destination per window at in-window position dst_pos [B, num_windows].
-
-    Returns (dst_tokens int32 [B, num_windows], src_tokens int32 [B, num_windows * (K-1)]);
-    sources are listed window by window, in-window order.
-    """
-    table = jnp.asarray(windows)  # (W, K)
-    num_windows, k = windows.shape
+def window_destinations(
+    dst_pos: jax.Array, grid: tuple[int, int], window: tuple[int, int]
+) -> tuple[jax.Array, jax.Array]:
+    """One destination per window at in-window position dst_pos int [B, num_windows] ->
+    (is_dst bool [B, N], dst_token int32 [B, num_windows]). Arithmetic on the window layout,
+    no gather."""
+    win_h, win_w = window
     dst_pos = dst_pos.astype(jnp.int32)
-    dst_tokens = take_along(table[None], dst_pos[..., None], axis=2)[..., 0]  # (B, W)
-    src_pos = jnp.asarray(_other_positions(k))[dst_pos]  # (B, W, K-1)
-    src_tokens = take_along(jnp.broadcast_to(table, dst_pos.shape + (k,)), src_pos, axis=2)
-    return dst_tokens, src_tokens.reshape(dst_pos.shape[0], num_windows * (k - 1))
+    is_dst = from_windows(dst_pos[..., None] == jnp.arange(win_h * win_w), grid, window)
+    top_left = jnp.asarray(window_tokens(grid, window)[:, 0])  # (W,)
+    return is_dst, top_left + (dst_pos // win_w) * grid[1] + dst_pos % win_w
 
 
-def match_sources(unit: jax.Array, dst_tokens: jax.Array, src_tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Best destination (anywhere on the grid) of every source by cosine similarity.
+def best_destinations(unit: jax.Array, dst_token: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The most cosine-similar destination (anywhere on the grid) of every token.
 
-    unit [B, N, C] unit tokens; returns (best_similarity f32 [B, S], best_dst_token int32 [B, S]).
+    unit [B, N, C] unit tokens, dst_token int [B, W] from `window_destinations`; returns
+    (best_similarity f32 [B, N], best_dst_token int32 [B, N]), read at the sources by the caller.
     Ties go to the first destination in window order. The matmul runs in unit's dtype (bf16 on
     accelerators: only the ranking matters, and an fp32-exact product costs several times the
     merge savings on a GPU) with float32 accumulation.
     """
-    dst = _take_tokens(unit, dst_tokens)  # (B, W, C)
-    src = _take_tokens(unit, src_tokens)  # (B, S, C)
-    similarity = jnp.einsum("bsc,bwc->bsw", src, dst, preferred_element_type=jnp.float32)
-    best_window = jnp.argmax(similarity, axis=-1)  # (B, S)
-    best_similarity = jnp.max(similarity, axis=-1)
-    return best_similarity, take_along(dst_tokens, best_window)
+    dst = _take_tokens(unit, dst_token)  # (B, W, C)
+    similarity = jnp.einsum("bnc,bwc->bnw", unit, dst, preferred_element_type=jnp.float32)
+    best_window = jnp.argmax(similarity, axis=-1)  # (B, N)
+    return jnp.max(similarity, axis=-1), take_along(dst_token, best_window)
 
 
-def merge_top_sources(
-    src_tokens: jax.Array, best_dst: jax.Array, rank: jax.Array, merge_count: int, num_tokens: int
-) -> MergePlan:
-    """Plan that merges the `merge_count` highest-ranked sources into their destinations.
+def merge_top_sources(is_dst: jax.Array, best_dst: jax.Array, rank: jax.Array, merge_count: int) -> MergePlan:
+    """Plan that merges the `merge_count` highest-ranked sources (tokens that are not
+    destinations) into their best destinations.
 
-    src_tokens, best_dst int [B, S]; rank f32 [B, S] (ties: the earlier source wins, as
-    `lax.top_k` keeps the lower index). Every other token keeps its own slot.
+    is_dst bool [B, N]; best_dst int [B, N] (read at the sources); rank f32 [B, N] (ties: the
+    lower token index wins, as `lax.top_k` keeps it). merge_count must not exceed the number of
+    sources. Every other token keeps its own slot.
     """
-    batch = src_tokens.shape[0]
+    batch, num_tokens = rank.shape
     rows = jnp.arange(batch)[:, None]
-    _, chosen = jax.lax.top_k(rank, merge_count)  # (B, R) positions in the source list
-    merging = take_along(src_tokens, chosen)  # (B, R) token ids
-    into = take_along(best_dst, chosen)  # (B, R)
-    tokens = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch, num_tokens))
-    parent = tokens.at[rows, merging].set(into.astype(jnp.int32), unique_indices=True)  # top_k: distinct
-    return plan_from_parents(parent, parent != tokens, merge_count)  # a destination is never a source
+    _, merging = jax.lax.top_k(jnp.where(is_dst, -jnp.inf, rank), merge_count)  # (B, R) token ids
+    is_src = jnp.zeros((batch, num_tokens), bool).at[rows, merging].set(True, unique_indices=True)
+    tokens = jnp.arange(num_tokens, dtype=jnp.int32)
+    parent = jnp.where(is_src, best_dst.astype(jnp.int32), tokens)  # a destination is never a source
+    return plan_from_parents(parent, is_src, merge_count)

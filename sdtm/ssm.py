@@ -13,6 +13,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sdtm.frequency import FREQUENCY_MODES
 from sdtm.merger import MergeState, advance_counters, check_state, state_priority
@@ -21,6 +22,7 @@ from sdtm.ops import (
     as_pair,
     check_merge_count,
     checked_windows,
+    from_windows,
     identity_plan,
     plan_from_parents,
     token_window_position,
@@ -79,13 +81,14 @@ def ssm_plan(
     _, chosen = jax.lax.top_k(score, merge_count // (k - 1))  # (B, n) window ids
     rows = jnp.arange(batch)[:, None]
     selected = jnp.zeros((batch, num_windows), bool).at[rows, chosen].set(True, unique_indices=True)  # (B, W)
-    # Static per-token lookups: the window of each token, its position, the window's seed.
-    token_window, token_pos = token_window_position(grid, window)
-    seed = windows[token_window, 0]  # (N,) NumPy
-    in_selected = selected[:, token_window]  # (B, N)
+    in_selected = from_windows(jnp.broadcast_to(selected[..., None], (batch, num_windows, k)), grid, window)  # (B, N)
+    # Static per-token lookups: each token's in-window position and its window's seed (top-left).
+    _, token_pos = token_window_position(grid, window)
+    seed = from_windows(np.broadcast_to(windows[None, :, :1], (1, num_windows, k)), grid, window)[0]  # (N,)
     is_src = in_selected & (token_pos != 0)
     parent = jnp.where(in_selected, seed, jnp.arange(num_tokens, dtype=jnp.int32))
-    return plan_from_parents(parent, is_src, merge_count)
+    group_size = jnp.where(in_selected, k, 1)  # a selected window's seed leads all K of its tokens
+    return plan_from_parents(parent, is_src, merge_count, group_size)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,11 +19,11 @@ from sdtm.ops import (
     as_pair,
     check_merge_count,
     checked_windows,
+    best_destinations,
     identity_plan,
-    match_sources,
     merge_top_sources,
-    split_windows,
     unit_tokens,
+    window_destinations,
 )
 
 
@@ -52,9 +52,11 @@ def tome_plan(
         dst_pos = jnp.zeros((num_windows,), jnp.int32)
     else:
         dst_pos = jax.random.randint(key, (num_windows,), 0, k, dtype=jnp.int32)
-    dst_tokens, src_tokens = split_windows(windows, jnp.broadcast_to(dst_pos, (batch, num_windows)))
-    best_similarity, best_dst = match_sources(unit_tokens(metric).astype(metric.dtype), dst_tokens, src_tokens)  # (B, S)
-    return merge_top_sources(src_tokens, best_dst, best_similarity, merge_count, num_tokens)
+    grid, window = as_pair(grid), as_pair(window)
+    is_dst, dst_token = window_destinations(jnp.broadcast_to(dst_pos, (batch, num_windows)), grid, window)
+    unit = unit_tokens(metric).astype(metric.dtype)
+    best_similarity, best_dst = best_destinations(unit, dst_token)  # (B, N)
+    return merge_top_sources(is_dst, best_dst, best_similarity, merge_count)
 
 
 @dataclasses.dataclass(frozen=True)
