@@ -4,9 +4,12 @@
     python -m sdtm.bench_merge --tokens 1024 --dtype bfloat16
 
 Every variant computes `sdtm.merge` up to round-off (tests/test_ops.py checks that they agree):
-  offsets      sdtm.merge: seeds + scatter-added (source - seed) / group size; one more
-               gather of R rows than sum_scatter, exact when a group's tokens are equal; the
-               scatter vmapped over rows (so XLA can split it over devices with the batch)
+  offsets      sdtm.merge: seeds + (token - seed) / group size summed per group, exact when a
+               group's tokens are equal; for SSM's window plans in place per window and one
+               gather (sdtm.ops.merge_windows), for the others as `scatter`
+  scatter      sdtm.ops.merge_scatter: the scatter-added (source - seed) / group size, one
+               more gather of R rows than sum_scatter; the scatter vmapped over rows (so XLA
+               can split it over devices with the batch). On SSM plans: what merge_windows saves
   row_indexed  the same with one scatter indexed by [row, slot] pairs (what sdtm.merge did
                before: XLA gathers it across devices when the batch is sharded)
   sum_scatter  seeds + scatter-added sources, times 1/group size (one gather of R rows fewer)
@@ -25,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from sdtm.idm import idm_plan
-from sdtm.ops import MergePlan, merge, unmerge
+from sdtm.ops import MergePlan, merge, merge_scatter, unmerge
 from sdtm.ssm import ssm_plan
 from sdtm.tome import tome_plan
 
@@ -119,6 +122,7 @@ def run(tokens: list[int], batch: int, channels: int, dtype: str, reps: int, one
             calls = {
                 "build": (build, metric),
                 "offsets": (jax.jit(merge_offsets), plan, x),
+                "scatter": (jax.jit(merge_scatter), plan, x),
                 "row_indexed": (jax.jit(merge_row_indexed), plan, x),
                 "sum_scatter": (jax.jit(merge_sum_scatter), plan, x),
                 "segment_sum": (jax.jit(merge_segment_sum), plan, x),

@@ -34,6 +34,8 @@ class MergePlan:
       src_slot:   int32 [B, R]   slot each of those tokens joins
       slot_scale: float32 [B, M] 1 / (tokens in the slot)
       token_slot: int32 [B, N]   slot of every token (the inverse index unmerge gathers through)
+    windows: static ((H, W), (win_h, win_w)) when every group is a whole window of that grid
+      (SSM), which lets `merge` average windows in place instead of scatter-adding; else None.
     """
 
     keep_index: jax.Array
@@ -41,6 +43,7 @@ class MergePlan:
     src_slot: jax.Array
     slot_scale: jax.Array
     token_slot: jax.Array
+    windows: tuple[tuple[int, int], tuple[int, int]] | None = dataclasses.field(default=None, metadata={"static": True})
 
     @property
     def merge_count(self) -> int:
@@ -67,16 +70,24 @@ def _take_tokens(x: jax.Array, index: jax.Array) -> jax.Array:
 def merge(plan: MergePlan | None, x: jax.Array) -> jax.Array:
     """Mean of every merged group: [B, N, C] -> [B, N - merge_count, C]. `None` is the identity.
 
-    Computed as seed + sum over sources of (source - seed) / group size, in float32: the
+    Computed as seed + sum over the group of (token - seed) / group size, in float32: the
     offsets vanish when a group's tokens are equal, so merging equal tokens returns them bit
-    for bit (a plain sum times 1/size can be 1 ulp off for size 3). Gathers plus one
-    scatter-add of the merge_count sources; sdtm/bench_merge.py measures the alternatives.
+    for bit (a plain sum times 1/size can be 1 ulp off for size 3). Window plans (SSM) average
+    every window in place and gather the slots (`merge_windows`: no scatter); other plans
+    scatter-add their sources (`merge_scatter`). sdtm/bench_merge.py measures the alternatives.
     """
     if plan is None:
         return x
-    kept = _take_tokens(x, plan.keep_index)  # (B, M, C)
     if plan.merge_count == 0:
-        return kept
+        return _take_tokens(x, plan.keep_index)
+    if plan.windows is not None:
+        return merge_windows(plan, x)
+    return merge_scatter(plan, x)
+
+
+def merge_scatter(plan: MergePlan, x: jax.Array) -> jax.Array:
+    """`merge` for any plan: gathers plus one scatter-add of the merge_count sources."""
+    kept = _take_tokens(x, plan.keep_index)  # (B, M, C)
     seed_of_src = take_along(plan.keep_index, plan.src_slot)  # (B, R)
     scale_of_src = take_along(plan.slot_scale, plan.src_slot)  # (B, R)
     offsets = _take_tokens(x, plan.src_index).astype(jnp.float32) - _take_tokens(x, seed_of_src).astype(
@@ -87,6 +98,24 @@ def merge(plan: MergePlan | None, x: jax.Array) -> jax.Array:
     add_rows = jax.vmap(lambda kept, slot, value: kept.at[slot].add(value))
     mean = add_rows(kept.astype(jnp.float32), plan.src_slot, offsets * scale_of_src[..., None])
     return mean.astype(x.dtype)
+
+
+def merge_windows(plan: MergePlan, x: jax.Array) -> jax.Array:
+    """`merge` for a plan whose groups are whole windows (`plan.windows` set): the mean of every
+    window (a reshape and a reduction), then each slot gathers its seed token, or its window's
+    mean when that window is merged. Gathers and no scatter: no atomic adds on a GPU."""
+    (height, width), (win_h, win_w) = plan.windows
+    batch, _, channels = x.shape
+    blocks = x.astype(jnp.float32).reshape(batch, height // win_h, win_h, width // win_w, win_w, channels)
+    seed = blocks[:, :, :1, :, :1]  # each window's top-left token, the seed of its slot
+    mean = seed + jnp.sum(blocks - seed, axis=(2, 4), keepdims=True) * (1.0 / (win_h * win_w))
+    mean = mean.reshape(batch, -1, channels)  # (B, num_windows, C), windows row-major
+    # The window of each slot's seed token, by arithmetic on the row-major grid.
+    row, col = plan.keep_index // width, plan.keep_index % width
+    slot_window = (row // win_h) * (width // win_w) + col // win_w  # (B, M)
+    is_window = (plan.slot_scale < 1.0)[..., None]  # (B, M, 1)
+    kept = _take_tokens(x, plan.keep_index).astype(jnp.float32)
+    return jnp.where(is_window, _take_tokens(mean, slot_window), kept).astype(x.dtype)
 
 
 @jax.named_scope("unmerge")

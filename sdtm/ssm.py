@@ -88,7 +88,8 @@ def ssm_plan(
     is_src = in_selected & (token_pos != 0)
     parent = jnp.where(in_selected, seed, jnp.arange(num_tokens, dtype=jnp.int32))
     group_size = jnp.where(in_selected, k, 1)  # a selected window's seed leads all K of its tokens
-    return plan_from_parents(parent, is_src, merge_count, group_size)
+    plan = plan_from_parents(parent, is_src, merge_count, group_size)
+    return dataclasses.replace(plan, windows=(grid, window))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -141,7 +141,8 @@ def test_merge_and_unmerge_jit_with_the_plan_as_an_argument():
     plan, count = make_plan("ssm", 5, ((4, 4), (2, 2)), 0.5)
     x = random_tokens(5, 16)
     y = jax.jit(sdtm.merge)(plan, x)
-    np.testing.assert_allclose(y, sdtm.merge(plan, x), rtol=1e-6)
+    # Eager and jitted merges may sum a window in another order: an ulp apart.
+    np.testing.assert_allclose(y, sdtm.merge(plan, x), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(jax.jit(sdtm.unmerge)(plan, y), sdtm.unmerge(plan, y))
 
 
@@ -152,6 +153,7 @@ def test_benchmarked_merge_variants_agree_with_merge(kind):
     want = np.asarray(sdtm.merge(plan, x))
     order, sorted_slot = bench_merge.slot_order(plan)
     for got in (
+        bench_merge.merge_scatter(plan, x),
         bench_merge.merge_row_indexed(plan, x),
         bench_merge.merge_sum_scatter(plan, x),
         bench_merge.merge_segment_sum(plan, x),
