@@ -42,7 +42,7 @@ from dit_jax.models import dit as dit_models
 from dit_jax.models.dit import DiTConfig
 from dit_jax.nn.attention import IMPLEMENTATIONS, attention_implementation
 from dit_jax.pipeline import FAMILY_DEFAULTS, _run, prepare
-from dit_jax.profiling import OTHER, REGIONS, distinct_fusions, profile_regions
+from dit_jax.profiling import OTHER, REGIONS, distinct_fusions, loop_ops, profile_regions
 from dit_jax.weights import BundleConfig, Weights, dit_module, model_class, use_compilation_cache
 from sdtm.config import parse_fields
 
@@ -85,6 +85,8 @@ class Result:
             "compile_times_s": [round(t, 3) for t in case.compile_times_s],
             # Distinct fused kernels XLA compiled for the call: what compile time grows with.
             "fusions": None if case.compiled is None else sum(distinct_fusions(case.compiled.as_text()).values()),
+            # Ops per iteration of each loop (the scanned block's: kernel launches per block on a GPU).
+            "loop_ops": None if case.compiled is None else loop_ops(case.compiled.as_text()),
             "median_s": self.median_s,
             "min_s": min(self.times_s),
             "max_s": max(self.times_s),

@@ -12,7 +12,8 @@ arithmetic, copies) are "other".
     regions = profile_regions(compiled, lambda: compiled(*args))   # {"attention": 0.0123, ..., "other": ...} s per call
 
 `distinct_fusions` reads the same text for what drives compile time: XLA compiles each distinct
-fused computation once per program (identical ones share a kernel).
+fused computation once per program (identical ones share a kernel). `loop_ops` counts the ops
+each loop iteration runs (a scanned block's kernel launches on a GPU).
 """
 
 from __future__ import annotations
@@ -80,6 +81,32 @@ def distinct_fusions(hlo_text: str) -> dict[str, int]:
         votes.pop(OTHER, None)
         seen[key] = votes.most_common(1)[0][0] if votes else OTHER
     return dict(collections.Counter(seen.values()))
+
+
+# Instructions that launch nothing: what `loop_ops` leaves out.
+_NOT_OPS = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all"}
+_COMPUTATION_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s")
+_OPCODE = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*.*?\s([a-z][\w\-]*)\(")
+_WHILE_BODY = re.compile(r"\swhile\(.*\bbody=%?([\w.\-]+)")
+
+
+def loop_ops(hlo_text: str) -> list[int]:
+    """Ops each loop iteration runs, per `while` body of a compiled module (`compiled.as_text()`),
+    largest first: its fusions, custom calls, sorts, copies, ... (not parameters, tuples,
+    bitcasts or constants). A scanned block's body is one entry: the kernels a block launches on
+    a GPU, the thunks it runs on CPU. A nested loop counts as one op of its parent's body."""
+    bodies: dict[str, list[str]] = {}
+    for computation in hlo_text.split("\n\n"):
+        lines = computation.strip().splitlines()
+        header = _COMPUTATION_HEADER.match(lines[0]) if lines else None
+        if header:
+            bodies[header.group(1)] = lines[1:]
+    loops = {m.group(1) for lines in bodies.values() for line in lines if (m := _WHILE_BODY.search(line))}
+    counts = []
+    for name in loops:
+        opcodes = (m.group(1) for line in bodies.get(name, []) if (m := _OPCODE.match(line)))
+        counts.append(sum(op not in _NOT_OPS for op in opcodes))
+    return sorted(counts, reverse=True)
 
 
 def module_name(hlo_text: str) -> str:

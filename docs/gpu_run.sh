@@ -54,8 +54,10 @@ bench fwd256 forward --variant "$VARIANT" $BENCH_EXTRA --image-size 256 --batch 
 # Merge plans + merge/unmerge alone for the 28 blocks of one forward (the overhead share).
 bench merge512 merge --variant "$VARIANT" $BENCH_EXTRA --image-size 512 --batch 8 --dtype bfloat16 --repeats "$REPEATS" \
   --strategies "ssm:0.5,ssm:0.5*4,idm:0.5,idm:0.5*4,tome:0.5"
-# The merge op's implementations side by side on the card (sdtm.bench_merge: scatter-add, segment
-# sum, one-hot matmul, ...), at DiT-XL/2's 1024 tokens and PixArt's 4096, 16 rows (batch 8 + guidance).
+# The merge op's implementations side by side on the card (sdtm.bench_merge: "offsets" is
+# sdtm.merge, scatter-free on SSM's window plans; "scatter" the scatter-add every plan used before
+# 2026-12-06, suspect on jaxlib 0.10.2-0.11.0 GPUs (f32 atomics as CAS loops); segment sum, one-hot
+# matmul, ...), at DiT-XL/2's 1024 tokens and PixArt's 4096, 16 rows (batch 8 + guidance).
 stamp "bench_merge"
 timeout 120 python3 -m sdtm.bench_merge --tokens ${MERGE_TOKENS:-1024 4096} --batch 16 --channels 1152 --dtype bfloat16 \
   --reps 20 2>&1 | grep -v Warning | tee "$OUT/bench_merge.log"

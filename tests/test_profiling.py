@@ -13,6 +13,7 @@ from dit_jax.profiling import (
     _leaves,
     distinct_fusions,
     instruction_regions,
+    loop_ops,
     profile_regions,
     region_of,
 )
@@ -92,3 +93,18 @@ def test_missing_trace_is_an_error(monkeypatch):
     compiled = jax.jit(lambda x: x + 1).lower(1.0).compile()
     with pytest.raises(RuntimeError, match="no perfetto trace"):
         profile_regions(compiled, lambda: compiled(1.0), calls=1)
+
+
+def test_loop_ops_counts_each_loop_body():
+    def two_loops(x):
+        def step(carry, _):
+            return jnp.sort(jnp.sin(carry) * 2.0), None  # a fusion and a sort per iteration
+
+        x, _ = jax.lax.scan(step, x, None, length=3)
+        return jax.lax.fori_loop(0, 4, lambda i, c: jnp.cos(c) + i, x)
+
+    text = jax.jit(two_loops).lower(jnp.ones(8)).compile().as_text()
+    counts = loop_ops(text)
+    assert len(counts) == 2 and all(c >= 1 for c in counts)
+    assert max(counts) >= 2  # the scan body runs at least the fusion and the sort
+    assert loop_ops(jax.jit(jnp.sin).lower(jnp.ones(8)).compile().as_text()) == []
