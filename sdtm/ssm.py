@@ -13,7 +13,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sdtm.frequency import FREQUENCY_MODES
 from sdtm.merger import MergeState, advance_counters, check_state, state_priority
@@ -83,8 +82,8 @@ def ssm_plan(
     selected = jnp.zeros((batch, num_windows), bool).at[rows, chosen].set(True, unique_indices=True)  # (B, W)
     in_selected = from_windows(jnp.broadcast_to(selected[..., None], (batch, num_windows, k)), grid, window)  # (B, N)
     # Static per-token lookups: each token's in-window position and its window's seed (top-left).
-    _, token_pos = token_window_position(grid, window)
-    seed = from_windows(np.broadcast_to(windows[None, :, :1], (1, num_windows, k)), grid, window)[0]  # (N,)
+    token_window, token_pos = token_window_position(grid, window)
+    seed = windows[token_window, 0]  # (N,) NumPy
     is_src = in_selected & (token_pos != 0)
     parent = jnp.where(in_selected, seed, jnp.arange(num_tokens, dtype=jnp.int32))
     group_size = jnp.where(in_selected, k, 1)  # a selected window's seed leads all K of its tokens
