@@ -250,7 +250,7 @@ def token_window_position(grid: tuple[int, int], window: tuple[int, int]) -> tup
 def to_windows(values: jax.Array, grid: tuple[int, int], window: tuple[int, int]) -> jax.Array:
     """Every window's tokens: [B, N, ...] -> [B, num_windows, K, ...], laid out as
     `window_tokens` (windows and in-window positions row-major). Reshapes and a transpose, no
-    gather: XLA fuses it into whatever reads it."""
+    gather (on this project's CPU a transposed [B, N, C] reads slowly: `window_sum` avoids it)."""
     height, width = grid
     win_h, win_w = window
     batch, rest = values.shape[0], values.shape[2:]
