@@ -119,7 +119,8 @@ def parse_strategy(text: str):
     ratio; EVERY: blocks sharing one plan (plan_every); ATTENTION: xla, cudnn or chunked (see attention_of).
     A trailing "+unrolled" runs the blocks as a Python loop instead of a scan (see unrolled).
     sdtm and tome also take config fields instead of RATIO: "sdtm:max_phases=2,protect_every=3"
-    (sdtm.config.parse_fields).
+    (sdtm.config.parse_fields); so do ssm and idm, as SDTMConfig fields ("idm:ratio=0.5,merge_sum=matmul";
+    deviation and switch_step are theirs to set).
     """
     text = text.partition("+")[0].partition("/")[0]
     text, _, every = text.partition("*")
@@ -127,8 +128,8 @@ def parse_strategy(text: str):
     plan_every = int(every) if every else 1
     if name == "baseline":
         return False
-    if name in ("sdtm", "tome") and "=" in value:
-        cls = sdtm_lib.SDTMConfig if name == "sdtm" else sdtm_lib.ToMeConfig
+    if name in ("sdtm", "tome", "ssm", "idm") and "=" in value:
+        cls = sdtm_lib.ToMeConfig if name == "tome" else sdtm_lib.SDTMConfig
         try:
             fields = parse_fields(cls, value)
         except ValueError as e:
@@ -136,10 +137,15 @@ def parse_strategy(text: str):
         if every and "plan_every" in fields:
             raise ValueError(f"strategy {text!r} sets plan_every twice (*{every} and plan_every=)")
         fields.setdefault("plan_every", plan_every)
+        if name in ("ssm", "idm"):  # one stage at a fixed ratio: no deviation, no switch
+            if {"deviation", "switch_step"} & set(fields):
+                raise ValueError(f"strategy {text!r}: {name} runs one stage at a fixed ratio; drop deviation and switch_step")
+            fields.update(deviation=0.0, switch_step=1.0 if name == "ssm" else 0)
         try:
-            return cls(**fields)
+            config = cls(**fields)
         except (TypeError, ValueError) as e:
             raise ValueError(f"strategy {text!r}: {e}") from None
+        return (name, config) if name in ("ssm", "idm") else config
     ratio = float(value) if value else None
     if name == "sdtm":
         return sdtm_lib.SDTMConfig(plan_every=plan_every, **({} if ratio is None else {"ratio": ratio}))
@@ -153,7 +159,7 @@ def parse_strategy(text: str):
         return (name, stage)
     raise ValueError(
         f"unknown strategy {text!r}; use baseline, sdtm[:RATIO], tome[:RATIO], ssm:RATIO or idm:RATIO, "
-        "sdtm:key=value,... or tome:key=value,..., optionally with *EVERY (plan sharing) and /xla or /cudnn"
+        "sdtm|ssm|idm|tome:key=value,..., optionally with *EVERY (plan sharing) and /xla or /cudnn"
     )
 
 
@@ -472,16 +478,17 @@ def run_cases(cases: list[Case], repeats: int, warmup: int = 1) -> list[Result]:
 def print_profiles(rows: list[dict]) -> None:
     """Op time per call by region (dit_jax.profiling), ms and share of the profiled total."""
     names = (*REGIONS, OTHER)
+    width = max([18, *(len(row["strategy"]) for row in rows)])
     print(f"# profile: op time per call, ms (share of the traced op time; {OTHER}: norms, modulation, residuals, "
           "sampler, copies)")
-    print(f"{'strategy':<18} {'traced ms':>9} " + " ".join(f"{n:>13}" for n in names))
+    print(f"{'strategy':<{width}} {'traced ms':>9} " + " ".join(f"{n:>13}" for n in names))
     for row in rows:
         profile = row.get("profile_s")
         if profile is None:
             continue
         total = sum(profile.values())
         cells = " ".join(f"{1e3 * profile[n]:>7.2f} {100 * profile[n] / total if total else 0:>4.0f}%" for n in names)
-        print(f"{row['strategy']:<18} {1e3 * total:>9.2f} {cells}")
+        print(f"{row['strategy']:<{width}} {1e3 * total:>9.2f} {cells}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -495,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--strategies", default="baseline,sdtm,tome:0.5",
                     help="comma-separated, baseline first: baseline, sdtm[:RATIO], tome[:RATIO], ssm:RATIO, idm:RATIO, "
-                    "sdtm:key=value,... (SDTMConfig fields), tome:key=value,...; suffixes *EVERY, /ATTENTION, +unrolled")
+                    "sdtm|ssm|idm:key=value,... (SDTMConfig fields), tome:key=value,...; suffixes *EVERY, /ATTENTION, +unrolled")
     ap.add_argument("--sampler", help="default: the family's (DiT ddim, PixArt dpm++)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, help="guidance scale (default: the family's, DiT 4.0, PixArt 4.5)")
@@ -563,12 +570,13 @@ def main(argv: list[str] | None = None) -> int:
                 row["profile_s"] = profile_regions(result.case.compiled, result.case.run)
     print(f"# {args.mode} {args.variant} {cfg.num_tokens} tokens, batch {args.batch}, {args.dtype}, "
           f"{header['device']}, jax {jax.__version__}" + (f", {args.steps} {args.sampler} steps" if args.mode == "sample" else ""))
-    print(f"{'strategy':<18} {'compile s':>9} {'fusions':>7} {'median s':>10} {'min s':>9} {'max s':>9} {'speed-up':>8} "
+    width = max([18, *(len(row["strategy"]) for row in rows)])
+    print(f"{'strategy':<{width}} {'compile s':>9} {'fusions':>7} {'median s':>10} {'min s':>9} {'max s':>9} {'speed-up':>8} "
           f"{'attn tok':>8} {'mlp tok':>8} {'TFLOP/s':>8}" + (" %peak" if peak else ""))
     for row in rows:
         tflops = row["achieved_flops_per_s"] / 1e12
         fusions = "-" if row["fusions"] is None else row["fusions"]
-        line = (f"{row['strategy']:<18} {row['compile_s']:>9.2f} {fusions:>7} {row['median_s']:>10.4f} {row['min_s']:>9.4f} "
+        line = (f"{row['strategy']:<{width}} {row['compile_s']:>9.2f} {fusions:>7} {row['median_s']:>10.4f} {row['min_s']:>9.4f} "
                 f"{row['max_s']:>9.4f} {row['speedup']:>7.2f}x {row['token_share_attn']:>8.3f} "
                 f"{row['token_share_mlp']:>8.3f} {tflops:>8.2f}")
         if peak:

@@ -49,7 +49,7 @@ def _methods(args) -> list[tuple[str, object]]:
     methods: list[tuple[str, object]] = [("baseline", False)]
     if args.sdtm:
         settings = {"plan_every": args.plan_every, "protect_every": args.protect_every, "cache_weight": args.cache_weight,
-                    "proportional_attention": args.proportional_attention}
+                    "proportional_attention": args.proportional_attention, "merge_sum": args.merge_sum}
         if args.ratio is not None:
             settings["ratio"] = args.ratio
         if args.switch_step is not None:
@@ -57,13 +57,13 @@ def _methods(args) -> list[tuple[str, object]]:
         methods.append(("sdtm", sdtm_lib.SDTMConfig(**settings)))
     if args.tome is not None:
         methods.append((f"tome {args.tome}", sdtm_lib.ToMeConfig(
-            ratio=args.tome, proportional_attention=args.proportional_attention)))
+            ratio=args.tome, proportional_attention=args.proportional_attention, merge_sum=args.merge_sum)))
     if args.no_baseline and len(methods) > 1:
         methods = methods[1:]
     return methods
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m dit_jax.sample", description=__doc__.split("\n\n")[0])
     ap.add_argument("prompts", nargs="+", help="class names or ids (class models) or texts (text models), one image each")
     ap.add_argument("--weights", help="weights directory (default: the model shipped in the package)")
@@ -82,12 +82,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="SDTM: merged tokens' share of their own output against the protected steps' (release: 0.1)")
     ap.add_argument("--proportional-attention", action="store_true",
                     help="SDTM and ToMe: merged attention keys weigh as many as the tokens they hold (log group size)")
+    ap.add_argument("--merge-sum", choices=sdtm_lib.ops.MERGE_SUMS, default="scatter",
+                    help="SDTM (IDM) and ToMe: sum merged tokens by a scatter-add or by a 0/1 matmul (no scatter)")
     ap.add_argument("--tome", type=float, metavar="RATIO", help="add a row with ToMe merging this fraction")
     ap.add_argument("--no-baseline", action="store_true", help="skip the baseline row")
     ap.add_argument("--compile-cache", metavar="DIR", help="persistent compilation cache folder (reused across runs)")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 weights and compute (accelerators)")
     ap.add_argument("--out", default="samples.png", help="PNG file to write")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
 
     try:
         import jax.numpy as jnp

@@ -2,7 +2,8 @@
 # The one prepared GPU call: times DiT-XL/2 (baseline, SDTM, ToMe, diffusers/PyTorch) and
 # PixArt-XL/2 at 1024 px on the card, writing logs and JSON results to $OUT, a table last.
 #   bash docs/gpu_run.sh            (on the GPU machine, from the repository root)
-# Needs .whl/ (orbax-checkpoint and diffusers wheels, for the PyTorch comparison) carried along;
+# Needs .whl/ (orbax-checkpoint and diffusers wheels, for the PyTorch comparison) carried along,
+# made here first: pip download --no-deps -d .whl diffusers==0.42.1 orbax-checkpoint==0.12.8
 # TRAIN_SECONDS>0 also trains the embedded default (then .data/fashion-mnist/ must come too).
 # A CPU dry run: VARIANT=DiT-S/2 PIXART=PixArt-alpha-XL/2-256 PIXART_SIZE=256 BENCH_EXTRA="--depth 1" REPEATS=2 \
 #   SAMPLE_REPEATS=1 BATCHES=1 MERGE_TOKENS=256 bash docs/gpu_run.sh
@@ -46,9 +47,11 @@ bench() {  # name, then bench arguments; each call at most 240 s. One compile pe
     | grep -v Warning | tee -a "$OUT/bench.log"
 }
 # One forward of DiT-XL/2 at 512 px (batch 8): where merging pays and where it does not (--profile:
-# kernel time per region: attention, MLP, merge plans, merge, unmerge), and PyTorch.
+# kernel time per region: attention, MLP, merge plans, merge, unmerge), and PyTorch. IDM and ToMe
+# twice: their merges summed by a scatter-add (the default) and by a matmul (merge_sum=matmul).
 bench fwd512 forward --variant "$VARIANT" $BENCH_EXTRA --image-size 512 --batch 8 --dtype bfloat16 --repeats "$REPEATS" \
-  --strategies "baseline,ssm:0.5,ssm:0.5*4,idm:0.5,idm:0.5*4,tome:0.5,tome:0.5*4" --torch --profile
+  --strategies "baseline,ssm:0.5,ssm:0.5*4,idm:0.5,idm:ratio=0.5,merge_sum=matmul,tome:0.5,tome:ratio=0.5,merge_sum=matmul" \
+  --torch --profile
 bench fwd256 forward --variant "$VARIANT" $BENCH_EXTRA --image-size 256 --batch 8 --dtype bfloat16 --repeats "$REPEATS" \
   --strategies "baseline,ssm:0.5,tome:0.5" --torch
 # Merge plans + merge/unmerge alone for the 28 blocks of one forward (the overhead share).
@@ -56,8 +59,9 @@ bench merge512 merge --variant "$VARIANT" $BENCH_EXTRA --image-size 512 --batch 
   --strategies "ssm:0.5,ssm:0.5*4,idm:0.5,idm:0.5*4,tome:0.5"
 # The merge op's implementations side by side on the card (sdtm.bench_merge: "offsets" is
 # sdtm.merge, scatter-free on SSM's window plans; "scatter" the scatter-add every plan used before
-# 2026-12-06, suspect on jaxlib 0.10.2-0.11.0 GPUs (f32 atomics as CAS loops); segment sum, one-hot
-# matmul, ...), at DiT-XL/2's 1024 tokens and PixArt's 4096, 16 rows (batch 8 + guidance).
+# 2026-12-06, suspect on jaxlib 0.10.2-0.11.0 GPUs (f32 atomics as CAS loops); "matmul" the
+# scatter-free sum of merge_sum="matmul"; segment sum, one-hot matmul, ...), at DiT-XL/2's 1024
+# tokens and PixArt's 4096, 16 rows (batch 8 + guidance).
 stamp "bench_merge"
 timeout 120 python3 -m sdtm.bench_merge --tokens ${MERGE_TOKENS:-1024 4096} --batch 16 --channels 1152 --dtype bfloat16 \
   --reps 20 2>&1 | grep -v Warning | tee "$OUT/bench_merge.log"
@@ -65,12 +69,12 @@ timeout 120 python3 -m sdtm.bench_merge --tokens ${MERGE_TOKENS:-1024 4096} --ba
 for batch in ${BATCHES:-8 1 32}; do
   rounds=1; [ "$batch" = 8 ] && rounds=3
   bench "sample512-b$batch" sample --variant "$VARIANT" $BENCH_EXTRA --image-size 512 --batch "$batch" --dtype bfloat16 \
-    --strategies "${SAMPLE:-baseline,sdtm,sdtm*4,sdtm:max_phases=2,tome:0.5}" --steps 20 --repeats "${SAMPLE_REPEATS:-3}" \
+    --strategies "${SAMPLE:-baseline,sdtm,sdtm:merge_sum=matmul,sdtm:max_phases=2,tome:0.5}" --steps 20 --repeats "${SAMPLE_REPEATS:-3}" \
     --compile-rounds "$rounds"
 done
 # PixArt at 1024 px (4,096 image tokens), 20 DPM-Solver++ steps with guidance, random weights and text.
 bench pixart1024 sample --variant "$PIXART" $BENCH_EXTRA --image-size "${PIXART_SIZE:-1024}" --batch 2 --dtype bfloat16 \
-  --strategies "${PIXART_SAMPLE:-baseline,sdtm,sdtm*4,tome:0.5}" --steps 20 --repeats "${SAMPLE_REPEATS:-3}"
+  --strategies "${PIXART_SAMPLE:-baseline,sdtm,sdtm:merge_sum=matmul,tome:0.5}" --steps 20 --repeats "${SAMPLE_REPEATS:-3}"
 stamp "done"
 grep -E "^#|^[a-z]" "$OUT/bench.log" | grep -v "^wrote"
 cat "$OUT/bench_merge.log"

@@ -10,13 +10,15 @@ Every variant computes `sdtm.merge` up to round-off (tests/test_ops.py checks th
   scatter      sdtm.ops.merge_scatter: the scatter-added (source - seed) / group size, one
                more gather of R rows than sum_scatter; the scatter vmapped over rows (so XLA
                can split it over devices with the batch). On SSM plans: what merge_windows saves
+  matmul       sdtm.ops.merge_matmul: the same offsets summed by a 0/1 [B, M, R] matrix product
+               (merge_sum="matmul" in SDTMConfig / ToMeConfig): no scatter, 2*M*R*C FLOPs
   row_indexed  the same with one scatter indexed by [row, slot] pairs (what sdtm.merge did
                before: XLA gathers it across devices when the batch is sharded)
   sum_scatter  seeds + scatter-added sources, times 1/group size (one gather of R rows fewer)
   segment_sum  one segment_sum of all N tokens by token_slot (no gathers, a scatter of N rows)
   sorted_sum   gather tokens in slot order, then a sorted segment_sum (the order would have to
                be a new plan field; here it is precomputed outside the timed function)
-  one_hot      one-hot [B, N, M] matrix times x: a matmul of N*M*C
+  one_hot      one-hot [B, N, M] matrix times x: a matmul of N*M*C (not exact on equal tokens)
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from sdtm.idm import idm_plan
-from sdtm.ops import MergePlan, merge, merge_scatter, unmerge
+from sdtm.ops import MergePlan, merge, merge_matmul, merge_scatter, unmerge
 from sdtm.ssm import ssm_plan
 from sdtm.tome import tome_plan
 
@@ -123,6 +125,7 @@ def run(tokens: list[int], batch: int, channels: int, dtype: str, reps: int, one
                 "build": (build, metric),
                 "offsets": (jax.jit(merge_offsets), plan, x),
                 "scatter": (jax.jit(merge_scatter), plan, x),
+                "matmul": (jax.jit(merge_matmul), plan, x),
                 "row_indexed": (jax.jit(merge_row_indexed), plan, x),
                 "sum_scatter": (jax.jit(merge_sum_scatter), plan, x),
                 "segment_sum": (jax.jit(merge_segment_sum), plan, x),

@@ -12,7 +12,7 @@ import math
 
 from sdtm.frequency import FREQUENCY_MODES
 from sdtm.idm import IDM_SCORES
-from sdtm.ops import as_pair
+from sdtm.ops import as_pair, check_merge_sum
 
 
 def _check_window(window) -> tuple[int, int]:
@@ -70,6 +70,9 @@ class SDTMConfig:
         paper's prompt reweighting, whose formula is not published; see dit_jax.models.pixart).
         (1.0, 1.0), the default, leaves the model unchanged; class-conditioned models accept
         only that.
+    merge_sum: how IDM merges sum their sources: "scatter" (a scatter-add, the default) or
+        "matmul" (a 0/1 matrix product, no scatter; see sdtm.ops.merge_matmul). The same
+        result up to round-off; which is faster depends on the device (SSM never scatters).
     """
 
     ratio: float = 0.5
@@ -86,6 +89,7 @@ class SDTMConfig:
     cache_weight: float = 1.0
     proportional_attention: bool = False
     prompt_weight: tuple[float, float] = (1.0, 1.0)
+    merge_sum: str = "scatter"
 
     def __post_init__(self):
         _check_number("ratio", self.ratio, 0.0, 1.0)
@@ -137,6 +141,7 @@ class SDTMConfig:
         for stage, w in zip(("structure", "detail"), weights):
             _check_number(f"prompt_weight ({stage} stage)", w, 0.0, 10.0)
         object.__setattr__(self, "prompt_weight", tuple(float(w) for w in weights))
+        check_merge_sum(self.merge_sum)
 
     def stage_prompt_weight(self, step: int, steps: int) -> float:
         """The prompt weight at `step` of `steps`: the structure stage's before the switch step."""
@@ -169,6 +174,7 @@ class ToMeConfig:
     plan_every: as in SDTMConfig: a plan built every plan_every blocks, reused in between.
     proportional_attention: add log(group size) to merged keys' attention logits (ToMe's
         proportional attention; ToMe for SD leaves it off, so does this default).
+    merge_sum: "scatter" (default) or "matmul", as in SDTMConfig.
     """
 
     ratio: float = 0.5
@@ -178,10 +184,12 @@ class ToMeConfig:
     random: bool = True
     plan_every: int = 1
     proportional_attention: bool = False
+    merge_sum: str = "scatter"
 
     def __post_init__(self):
         _check_number("ratio", self.ratio, 0.0, 1.0)
         _check_plan_every(self.plan_every)
+        check_merge_sum(self.merge_sum)
         _check_flag("proportional_attention", self.proportional_attention)
         object.__setattr__(self, "window", _check_window(self.window))
         k = self.window[0] * self.window[1]

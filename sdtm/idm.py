@@ -25,6 +25,7 @@ from sdtm.ops import (
     as_pair,
     best_destinations,
     check_merge_count,
+    check_merge_sum,
     checked_windows,
     identity_plan,
     merge_top_sources,
@@ -53,6 +54,7 @@ def idm_plan(
     priority: jax.Array | None = None,
     attention: jax.Array | None = None,
     a_d: float = 0.05,
+    merge_sum: str = "scatter",
 ) -> MergePlan:
     """Detail-stage plan. metric [B, N, C]; priority, attention [B, N] or None.
 
@@ -60,7 +62,9 @@ def idm_plan(
     `attention` the destinations are each window's most attended token and sources rank by
     inattentiveness; without it the destinations follow `priority` (top-left when that is None
     too) and sources rank by similarity to their destination. Ties go to the lower index.
+    merge_sum: how `merge` sums the plan's sources, "scatter" or "matmul" (see MergePlan).
     """
+    check_merge_sum(merge_sum)
     batch, num_tokens, _ = metric.shape
     windows = checked_windows(num_tokens, grid, window)  # (W, K) NumPy
     num_windows, k = windows.shape
@@ -83,7 +87,7 @@ def idm_plan(
     rank = best_similarity if attention is None else inattentiveness(attention)
     if priority is not None:
         rank = rank + a_d * priority.astype(jnp.float32)
-    return merge_top_sources(is_dst, best_dst, rank, merge_count)
+    return merge_top_sources(is_dst, best_dst, rank, merge_count, merge_sum)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,9 +104,11 @@ class IDMMerger:
     frequency: str | None = "independent"
     score: str = "attention"
     plan_every: int = 1  # blocks sharing one plan (see SDTMConfig.plan_every)
+    merge_sum: str = "scatter"  # see MergePlan
 
     def __post_init__(self):
         object.__setattr__(self, "window", as_pair(self.window))  # hashable, for jit
+        check_merge_sum(self.merge_sum)
         if self.frequency is not None and self.frequency not in FREQUENCY_MODES:
             raise ValueError(f"frequency must be one of {FREQUENCY_MODES} or None, got {self.frequency!r}")
         if self.score not in IDM_SCORES:
@@ -131,5 +137,6 @@ class IDMMerger:
         plan = idm_plan(
             metric, self.merge_count, grid=grid, window=self.window,
             priority=state_priority(state, self.frequency), attention=attention, a_d=self.a_d,
+            merge_sum=self.merge_sum,
         )
         return None, plan, advance_counters(state, plan, self.frequency)

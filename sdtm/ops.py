@@ -36,6 +36,9 @@ class MergePlan:
       token_slot: int32 [B, N]   slot of every token (the inverse index unmerge gathers through)
     windows: static ((H, W), (win_h, win_w)) when every group is a whole window of that grid
       (SSM), which lets `merge` average windows in place instead of scatter-adding; else None.
+    merge_sum: static, how `merge` sums the sources of a plan without `windows` (IDM, ToMe):
+      "scatter" (a scatter-add, `merge_scatter`) or "matmul" (a 0/1 matrix times the sources,
+      `merge_matmul`: no scatter, so no atomics on a GPU).
     """
 
     keep_index: jax.Array
@@ -44,6 +47,7 @@ class MergePlan:
     slot_scale: jax.Array
     token_slot: jax.Array
     windows: tuple[tuple[int, int], tuple[int, int]] | None = dataclasses.field(default=None, metadata={"static": True})
+    merge_sum: str = dataclasses.field(default="scatter", metadata={"static": True})
 
     @property
     def merge_count(self) -> int:
@@ -52,6 +56,18 @@ class MergePlan:
     @property
     def num_tokens(self) -> int:
         return self.token_slot.shape[1]
+
+
+MERGE_SUMS = ("scatter", "matmul")
+
+
+def check_merge_sum(merge_sum) -> str:
+    """Return `merge_sum` if it names a way to sum sources (MERGE_SUMS), else raise a ValueError."""
+    if merge_sum not in MERGE_SUMS:
+        raise ValueError(
+            f"merge_sum must be one of {MERGE_SUMS} (how IDM and ToMe merges sum their sources), got {merge_sum!r}"
+        )
+    return merge_sum
 
 
 def take_along(values: jax.Array, index: jax.Array, axis: int = 1) -> jax.Array:
@@ -73,8 +89,9 @@ def merge(plan: MergePlan | None, x: jax.Array) -> jax.Array:
     Computed as seed + sum over the group of (token - seed) / group size, in float32: the
     offsets vanish when a group's tokens are equal, so merging equal tokens returns them bit
     for bit (a plain sum times 1/size can be 1 ulp off for size 3). Window plans (SSM) average
-    every window in place and gather the slots (`merge_windows`: no scatter); other plans
-    scatter-add their sources (`merge_scatter`). sdtm/bench_merge.py measures the alternatives.
+    every window in place and gather the slots (`merge_windows`: no scatter); other plans sum
+    their sources as `plan.merge_sum` says (`merge_scatter` or `merge_matmul`).
+    sdtm/bench_merge.py measures the alternatives.
     """
     if plan is None:
         return x
@@ -82,22 +99,51 @@ def merge(plan: MergePlan | None, x: jax.Array) -> jax.Array:
         return _take_tokens(x, plan.keep_index)
     if plan.windows is not None:
         return merge_windows(plan, x)
+    if plan.merge_sum == "matmul":
+        return merge_matmul(plan, x)
     return merge_scatter(plan, x)
 
 
-def merge_scatter(plan: MergePlan, x: jax.Array) -> jax.Array:
-    """`merge` for any plan: gathers plus one scatter-add of the merge_count sources."""
-    kept = _take_tokens(x, plan.keep_index)  # (B, M, C)
+def _seeds_and_offsets(plan: MergePlan, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """float32 (seed of every slot [B, M, C], (source - its slot's seed) / group size [B, R, C])."""
+    kept = _take_tokens(x, plan.keep_index).astype(jnp.float32)  # (B, M, C)
     seed_of_src = take_along(plan.keep_index, plan.src_slot)  # (B, R)
     scale_of_src = take_along(plan.slot_scale, plan.src_slot)  # (B, R)
     offsets = _take_tokens(x, plan.src_index).astype(jnp.float32) - _take_tokens(x, seed_of_src).astype(
         jnp.float32
     )  # (B, R, C)
+    return kept, offsets * scale_of_src[..., None]
+
+
+def merge_scatter(plan: MergePlan, x: jax.Array) -> jax.Array:
+    """`merge` for any plan: gathers plus one scatter-add of the merge_count sources."""
+    kept, offsets = _seeds_and_offsets(plan, x)
     # One scatter-add per row, vmapped: a batched scatter, which XLA splits over devices with the
     # batch (a scatter indexed by [row, slot] pairs would be gathered across them).
     add_rows = jax.vmap(lambda kept, slot, value: kept.at[slot].add(value))
-    mean = add_rows(kept.astype(jnp.float32), plan.src_slot, offsets * scale_of_src[..., None])
-    return mean.astype(x.dtype)
+    return add_rows(kept, plan.src_slot, offsets).astype(x.dtype)
+
+
+def merge_matmul(plan: MergePlan, x: jax.Array) -> jax.Array:
+    """`merge` for any plan with the sources summed by a matmul: the 0/1 matrix [B, M, R] of
+    which slot each source joins, times the scaled offsets [B, R, C]. No scatter (no atomic adds
+    on a GPU, no serialised updates on a TPU), at 2 * M * R * C FLOPs per row: 0.6 GFLOP for
+    DiT-XL/2's 1024 tokens merging half, dense work for a matrix unit, slow on a CPU.
+
+    float32 inputs multiply at full precision (`Precision.HIGHEST`, not a GPU's TF32), so this
+    agrees with `merge_scatter` up to summation order. Narrower inputs (bfloat16) multiply in
+    their own dtype with float32 accumulation: the 0/1 matrix is exact, the offsets round to
+    bfloat16 before they are summed, below the rounding of the bfloat16 result they enter.
+    """
+    kept, offsets = _seeds_and_offsets(plan, x)
+    num_slots = kept.shape[1]
+    joins = plan.src_slot[:, None, :] == jnp.arange(num_slots, dtype=jnp.int32)[:, None]  # (B, M, R)
+    dtype = jnp.float32 if jnp.dtype(x.dtype).itemsize >= 4 else x.dtype
+    summed = jnp.einsum(
+        "bmr,brc->bmc", joins.astype(dtype), offsets.astype(dtype), preferred_element_type=jnp.float32,
+        precision=jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None,
+    )
+    return (kept + summed).astype(x.dtype)
 
 
 def merge_windows(plan: MergePlan, x: jax.Array) -> jax.Array:
@@ -170,8 +216,8 @@ def plan_from_parents(
     place = jnp.zeros((batch, num_tokens), jnp.int32).at[rows, order].set(tokens, unique_indices=True)
     token_slot = take_along(place, parent.astype(jnp.int32))  # (B, N): the slot of each token's seed
     src_slot = take_along(token_slot, src_index)  # (B, R)
-    if group_size is None:
-        slot_size = jnp.ones((batch, num_slots), jnp.float32).at[rows, src_slot].add(1.0)
+    if group_size is None:  # counted in int32: integer atomics are native on a GPU, float ones may not be
+        slot_size = jnp.ones((batch, num_slots), jnp.int32).at[rows, src_slot].add(1).astype(jnp.float32)
     else:
         slot_size = take_along(group_size.astype(jnp.float32), keep_index)
     return MergePlan(
@@ -345,9 +391,11 @@ def best_destinations(unit: jax.Array, dst_token: jax.Array) -> tuple[jax.Array,
     return jnp.max(similarity, axis=-1), take_along(dst_token, best_window)
 
 
-def merge_top_sources(is_dst: jax.Array, best_dst: jax.Array, rank: jax.Array, merge_count: int) -> MergePlan:
+def merge_top_sources(
+    is_dst: jax.Array, best_dst: jax.Array, rank: jax.Array, merge_count: int, merge_sum: str = "scatter"
+) -> MergePlan:
     """Plan that merges the `merge_count` highest-ranked sources (tokens that are not
-    destinations) into their best destinations.
+    destinations) into their best destinations; `merge_sum` goes to the plan (see MergePlan).
 
     is_dst bool [B, N]; best_dst int [B, N] (read at the sources); rank f32 [B, N] (ties: the
     lower token index wins, as `lax.top_k` keeps it). merge_count must not exceed the number of
@@ -359,4 +407,4 @@ def merge_top_sources(is_dst: jax.Array, best_dst: jax.Array, rank: jax.Array, m
     is_src = jnp.zeros((batch, num_tokens), bool).at[rows, merging].set(True, unique_indices=True)
     tokens = jnp.arange(num_tokens, dtype=jnp.int32)
     parent = jnp.where(is_src, best_dst.astype(jnp.int32), tokens)  # a destination is never a source
-    return plan_from_parents(parent, is_src, merge_count)
+    return dataclasses.replace(plan_from_parents(parent, is_src, merge_count), merge_sum=merge_sum)

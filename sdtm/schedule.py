@@ -194,7 +194,7 @@ def _merger(config: SDTMConfig, name: str, count: int) -> BlockMerger:
         )
     return IDMMerger(
         count, window=config.window, a_d=config.a_d, frequency=config.frequency, score=config.idm_score,
-        plan_every=config.plan_every,
+        plan_every=config.plan_every, merge_sum=config.merge_sum,
     )
 
 
@@ -217,7 +217,7 @@ def schedule(
         merger = ToMeMerger(
             count, window=config.window, random=config.random,
             merge_attn=config.merge_attn, merge_mlp=config.merge_mlp, plan_every=config.plan_every,
-            proportional_attention=config.proportional_attention,
+            proportional_attention=config.proportional_attention, merge_sum=config.merge_sum,
         )
         return [Phase(0, steps, "tome", count, merger)]
     if isinstance(config, SDTMConfig):

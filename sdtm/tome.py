@@ -18,6 +18,7 @@ from sdtm.ops import (
     MergePlan,
     as_pair,
     check_merge_count,
+    check_merge_sum,
     checked_windows,
     best_destinations,
     identity_plan,
@@ -34,12 +35,15 @@ def tome_plan(
     grid: tuple[int, int],
     window: tuple[int, int] = (2, 2),
     key: jax.Array | None = None,
+    merge_sum: str = "scatter",
 ) -> MergePlan:
     """ToMe-for-SD plan. metric [B, N, C]; merge_count (a Python int) at most N - num_windows.
 
     key: PRNG key drawing each window's destination position (one draw for the whole batch);
     None puts every destination at the window's top-left token.
+    merge_sum: how `merge` sums the plan's sources, "scatter" or "matmul" (see MergePlan).
     """
+    check_merge_sum(merge_sum)
     batch, num_tokens, _ = metric.shape
     windows = checked_windows(num_tokens, grid, window)  # (W, K) NumPy
     num_windows, k = windows.shape
@@ -56,7 +60,7 @@ def tome_plan(
     is_dst, dst_token = window_destinations(jnp.broadcast_to(dst_pos, (batch, num_windows)), grid, window)
     unit = unit_tokens(metric).astype(metric.dtype)
     best_similarity, best_dst = best_destinations(unit, dst_token)  # (B, N)
-    return merge_top_sources(is_dst, best_dst, best_similarity, merge_count)
+    return merge_top_sources(is_dst, best_dst, best_similarity, merge_count, merge_sum)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +81,13 @@ class ToMeMerger:
 
     plan_every: int = 1  # blocks sharing one plan (see SDTMConfig.plan_every)
     proportional_attention: bool = False  # merged keys' logits + log(group size)
+    merge_sum: str = "scatter"  # see MergePlan
 
     needs_key_attention = False
 
     def __post_init__(self):
         object.__setattr__(self, "window", as_pair(self.window))  # hashable, for jit
+        check_merge_sum(self.merge_sum)
 
     def build(
         self, metric: jax.Array, state: MergeState, *, grid: tuple[int, int], key_attention=None
@@ -93,5 +99,5 @@ class ToMeMerger:
         if self.random and metric.shape[0] % 2 == 0:
             next_key, draw = jax.random.split(state["key"])
             state = {**state, "key": next_key}
-        plan = tome_plan(metric, self.merge_count, grid=grid, window=self.window, key=draw)
+        plan = tome_plan(metric, self.merge_count, grid=grid, window=self.window, key=draw, merge_sum=self.merge_sum)
         return (plan if self.merge_attn else None), (plan if self.merge_mlp else None), state

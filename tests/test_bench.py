@@ -63,12 +63,16 @@ def test_strategies_take_config_fields():
     assert parse_strategy("sdtm:max_phases=2,deviation=0*4") == sdtm.SDTMConfig(max_phases=2, deviation=0, plan_every=4)
     assert parse_strategy("tome:ratio=0.3,merge_mlp=true") == sdtm.ToMeConfig(ratio=0.3, merge_mlp=True)
     assert parse_strategy("sdtm:0.3") == sdtm.SDTMConfig(ratio=0.3)
+    assert parse_strategy("idm:ratio=0.4,merge_sum=matmul*2") == (
+        "idm", sdtm.SDTMConfig(ratio=0.4, deviation=0.0, switch_step=0, merge_sum="matmul", plan_every=2))
+    assert parse_strategy("ssm:ratio=0.4") == parse_strategy("ssm:0.4")
 
 
 @pytest.mark.parametrize("text,message", [
     ("sdtm:max_phase=2", "'max_phase=2' is not key=value"),
     ("sdtm:plan_every=2*4", "sets plan_every twice"),
     ("tome:ratio=2", "strategy 'tome:ratio=2': ratio 2 is outside"),
+    ("idm:deviation=0.1", "idm runs one stage at a fixed ratio; drop deviation"),
 ])
 def test_bad_config_fields_name_the_strategy(text, message):
     with pytest.raises(ValueError, match=message):

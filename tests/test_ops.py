@@ -22,12 +22,15 @@ LAYOUTS = [((4, 6), (2, 2)), ((6, 4), (3, 1))]
 FRACTIONS = [0.5]  # merging everything is checked per strategy in test_ssm/test_idm/test_tome
 
 _ssm = jax.jit(sdtm.ssm_plan, static_argnums=1, static_argnames=("grid", "window"))
-_idm = jax.jit(sdtm.idm_plan, static_argnums=1, static_argnames=("grid", "window"))
-_tome = jax.jit(sdtm.tome_plan, static_argnums=1, static_argnames=("grid", "window"))
+_idm = jax.jit(sdtm.idm_plan, static_argnums=1, static_argnames=("grid", "window", "merge_sum"))
+_tome = jax.jit(sdtm.tome_plan, static_argnums=1, static_argnames=("grid", "window", "merge_sum"))
 
 
 def make_plan(kind: str, seed: int, layout, fraction: float):
-    """A plan of strategy `kind` on random inputs, removing about `fraction` of what it can."""
+    """A plan of strategy `kind` on random inputs, removing about `fraction` of what it can.
+    A kind ending in "+matmul" makes a plan whose merge sums its sources by a matmul."""
+    kind, _, merge_sum = kind.partition("+")
+    merge_sum = merge_sum or "scatter"
     grid, window = layout
     num_tokens, k = grid[0] * grid[1], window[0] * window[1]
     num_windows = num_tokens // k
@@ -40,13 +43,14 @@ def make_plan(kind: str, seed: int, layout, fraction: float):
     count = int(fraction * (num_tokens - num_windows))
     if kind == "idm_attention":
         attention = jnp.asarray(rng.dirichlet(np.ones(num_tokens), size=BATCH), jnp.float32)
-        return _idm(metric, count, grid=grid, window=window, priority=priority, attention=attention), count
+        plan = _idm(metric, count, grid=grid, window=window, priority=priority, attention=attention, merge_sum=merge_sum)
+        return plan, count
     if kind == "idm_frequency":
-        return _idm(metric, count, grid=grid, window=window, priority=priority), count
-    return _tome(metric, count, grid=grid, window=window, key=jax.random.key(seed)), count
+        return _idm(metric, count, grid=grid, window=window, priority=priority, merge_sum=merge_sum), count
+    return _tome(metric, count, grid=grid, window=window, key=jax.random.key(seed), merge_sum=merge_sum), count
 
 
-KINDS = st.sampled_from(["ssm", "idm_attention", "idm_frequency", "tome"])
+KINDS = st.sampled_from(["ssm", "idm_attention", "idm_frequency", "tome", "idm_attention+matmul", "tome+matmul"])
 PLANS = st.tuples(KINDS, st.integers(0, 2**16), st.sampled_from(LAYOUTS), st.sampled_from(FRACTIONS))
 merge = jax.jit(sdtm.merge)
 unmerge = jax.jit(sdtm.unmerge)
@@ -129,12 +133,28 @@ def test_plan_from_parents_small_example():
     np.testing.assert_allclose(sdtm.merge(plan, x)[0, :, 0], [(0 + 1 + 4) / 3, 2, (3 + 5) / 2], rtol=1e-6)
 
 
-def test_merge_in_bfloat16_keeps_dtype_and_accuracy():
-    plan, count = make_plan("idm_frequency", 3, ((4, 4), (2, 2)), 1.0)
+@pytest.mark.parametrize("kind", ["idm_frequency", "idm_frequency+matmul"])
+def test_merge_in_bfloat16_keeps_dtype_and_accuracy(kind):
+    plan, count = make_plan(kind, 3, ((4, 4), (2, 2)), 1.0)
     x = random_tokens(3, 16)
     merged = sdtm.merge(plan, x.astype(jnp.bfloat16))
     assert merged.dtype == jnp.bfloat16 and merged.shape == (BATCH, 16 - count, CHANNELS)
     np.testing.assert_allclose(np.asarray(merged, np.float32), sdtm.merge(plan, x), atol=0.02, rtol=0.02)
+
+
+@pytest.mark.parametrize("kind", ["idm_attention", "tome"])
+def test_merge_sum_matmul_matches_the_scatter(kind):
+    """The two ways of summing sources: the same plan apart from `merge_sum`, the same means up to
+    summation order, and only the scatter path lowers to a scatter."""
+    by_scatter, _ = make_plan(kind, 11, ((4, 6), (2, 2)), 0.7)
+    by_matmul, _ = make_plan(kind + "+matmul", 11, ((4, 6), (2, 2)), 0.7)
+    assert (by_scatter.merge_sum, by_matmul.merge_sum) == ("scatter", "matmul")
+    for a, b in zip(jax.tree.leaves(by_scatter), jax.tree.leaves(by_matmul)):
+        np.testing.assert_array_equal(a, b)
+    x = random_tokens(11, 24)
+    np.testing.assert_allclose(merge(by_matmul, x), merge(by_scatter, x), rtol=1e-6, atol=1e-6)
+    assert "scatter" in merge.lower(by_scatter, x).as_text()
+    assert "scatter" not in merge.lower(by_matmul, x).as_text()
 
 
 def test_merge_and_unmerge_jit_with_the_plan_as_an_argument():
@@ -159,6 +179,7 @@ def test_benchmarked_merge_variants_agree_with_merge(kind):
         bench_merge.merge_segment_sum(plan, x),
         bench_merge.merge_sorted_sum(plan, x, order, sorted_slot),
         bench_merge.merge_one_hot(plan, x),
+        sdtm.ops.merge_matmul(plan, x),
     ):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 

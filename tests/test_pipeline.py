@@ -75,6 +75,20 @@ def test_merging_runs_end_to_end(weights, method):
     assert out.shape == (2, 8, 8, 4) and out.dtype == np.uint8  # pixel-space bundle: uint8 of x_0
 
 
+@pytest.mark.parametrize("method", [sdtm.SDTMConfig(), sdtm.ToMeConfig(ratio=0.5, merge_mlp=True)])
+def test_merge_sum_matmul_samples_what_the_scatter_samples(weights, method):
+    kwargs = dict(steps=6, seed=3, output="latents")
+    by_scatter = sample(weights, ["sneaker", "bag"], sdtm=method, **kwargs)
+    by_matmul = sample(weights, ["sneaker", "bag"], sdtm=method.replace(merge_sum="matmul"), **kwargs)
+    assert relative_error(by_matmul, by_scatter) < 1e-5
+    # The setting reaches the compiled sampler: the merges' scatter-adds are gone from it.
+    scatters = [
+        _run.lower(*_args(weights, 6), plan=_plan(weights, 6, m)).as_text().count('"stablehlo.scatter"')
+        for m in (method, method.replace(merge_sum="matmul"))
+    ]
+    assert scatters[1] < scatters[0], scatters
+
+
 def test_sdtm_compiles_one_scan_per_phase(weights):
     phases = sdtm.schedule(sdtm.SDTMConfig(), 10, CFG.num_tokens)
     loops = _run.lower(*_args(weights, 10), plan=_plan(weights, 10, True)).as_text().count("stablehlo.while")
@@ -138,6 +152,17 @@ def test_cli_writes_png_with_rows_and_timings(tmp_path, capsys):
     assert '"sneaker", "bag"' in image.info["prompts"]
     assert main(["dragon", "--weights", str(tmp_path / "w")]) == 2
     assert "unknown class name 'dragon'" in capsys.readouterr().err
+
+
+def test_cli_merge_settings_reach_the_configs():
+    from dit_jax.sample import _methods, _parser
+
+    args = _parser().parse_args(["bag", "--sdtm", "--tome", "0.4", "--merge-sum", "matmul", "--plan-every", "2"])
+    assert _methods(args) == [
+        ("baseline", False),
+        ("sdtm", sdtm.SDTMConfig(plan_every=2, merge_sum="matmul")),
+        ("tome 0.4", sdtm.ToMeConfig(ratio=0.4, merge_sum="matmul")),
+    ]
 
 
 def test_no_weights_uses_the_shipped_default():

@@ -177,6 +177,8 @@ def test_non_square_grid_and_switch_step_forms():
         (lambda: SDTMConfig(frequency="often"), "frequency must be one of"),
         (lambda: SDTMConfig(idm_score="maps"), "idm_score must be one of"),
         (lambda: SDTMConfig(max_phases=0), "max_phases must be an int >= 1"),
+        (lambda: SDTMConfig(merge_sum="segments"), "merge_sum must be one of \\('scatter', 'matmul'\\)"),
+        (lambda: ToMeConfig(merge_sum=None), "merge_sum must be one of"),
         (lambda: ToMeConfig(ratio=0.8), "more than 2x2 windows allow"),
         (lambda: ToMeConfig(merge_attn=False), "merges nothing"),
     ],
