@@ -564,10 +564,6 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     rows = [r.row(peak) for r in results]
-    if args.profile:
-        for result, row in zip(results, rows):
-            if result.case.compiled is not None:
-                row["profile_s"] = profile_regions(result.case.compiled, result.case.run)
     print(f"# {args.mode} {args.variant} {cfg.num_tokens} tokens, batch {args.batch}, {args.dtype}, "
           f"{header['device']}, jax {jax.__version__}" + (f", {args.steps} {args.sampler} steps" if args.mode == "sample" else ""))
     width = max([18, *(len(row["strategy"]) for row in rows)])
@@ -581,8 +577,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"{row['token_share_mlp']:>8.3f} {tflops:>8.2f}")
         if peak:
             line += f" {100 * row['share_of_peak']:5.1f}"
-        print(line)
-    if args.profile:
+        print(line, flush=True)
+    if args.profile:  # after the table, so that a profiler failure cannot lose the timings
+        for result, row in zip(results, rows):
+            if result.case.compiled is None:
+                continue
+            try:
+                row["profile_s"] = profile_regions(result.case.compiled, result.case.run)
+            except (RuntimeError, KeyError, ValueError, OSError) as e:
+                row["profile_s"] = None
+                print(f"profile of {row['strategy']} failed: {e}", file=sys.stderr)
         print_profiles(rows)
     if args.json:
         with open(args.json, "w") as f:

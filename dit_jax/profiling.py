@@ -114,15 +114,21 @@ def module_name(hlo_text: str) -> str:
     return first.split()[1].rstrip(",") if first.startswith("HloModule") else ""
 
 
-def _op_events(trace: dict | list, module: str) -> list[tuple[str, float]]:
-    """(instruction name, microseconds) of every op event of `module`; a GPU's kernel events
-    when the trace has them, else the host's (CPU thunks)."""
+def _op_events(trace: dict | list, module: str, on_accelerator: bool = False) -> list[tuple[str, float]]:
+    """(instruction name, microseconds) of every op event of `module`: a GPU's kernel events
+    when the trace has them, else the host's (CPU thunks). on_accelerator: the module ran on a
+    GPU or TPU, so host events would time launches, not ops: no device events is an error."""
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     process = {e["pid"]: e.get("args", {}).get("name", "") for e in events
                if e.get("ph") == "M" and e.get("name") == "process_name"}
     ops = [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})
            and not e["name"].startswith("end: ") and e["args"].get("hlo_module", module) == module]
     on_device = [e for e in ops if "/device:" in process.get(e["pid"], "")]
+    if on_accelerator and not on_device:
+        raise RuntimeError(
+            "the profiler trace has no device op events for this module (on a GPU: is CUPTI usable here?); "
+            "host events would time kernel launches, not kernels"
+        )
     return [(e["args"]["hlo_op"], float(e.get("dur", 0.0))) for e in _leaves(on_device or ops)]
 
 
@@ -162,6 +168,7 @@ def profile_regions(compiled, run: Callable[[], object], calls: int = 3) -> dict
         with gzip.open(files[0], "rt") as f:
             trace = json.load(f)
     totals: dict[str, float] = collections.Counter({name: 0.0 for name in (*REGIONS, OTHER)})
-    for op, micros in _op_events(trace, module):
+    on_accelerator = jax.default_backend() != "cpu"
+    for op, micros in _op_events(trace, module, on_accelerator):
         totals[regions.get(op, OTHER)] += micros * 1e-6 / calls
     return dict(totals)

@@ -47,17 +47,18 @@ def write_png(path: Path, image: np.ndarray, metadata: dict[str, str]) -> None:
 
 def _methods(args) -> list[tuple[str, object]]:
     methods: list[tuple[str, object]] = [("baseline", False)]
+    shared = {"proportional_attention": args.proportional_attention}  # settings of both methods
+    if args.merge_sum is not None:
+        shared["merge_sum"] = args.merge_sum
     if args.sdtm:
-        settings = {"plan_every": args.plan_every, "protect_every": args.protect_every, "cache_weight": args.cache_weight,
-                    "proportional_attention": args.proportional_attention, "merge_sum": args.merge_sum}
+        settings = {"plan_every": args.plan_every, "protect_every": args.protect_every, "cache_weight": args.cache_weight}
         if args.ratio is not None:
             settings["ratio"] = args.ratio
         if args.switch_step is not None:
             settings["switch_step"] = args.switch_step
-        methods.append(("sdtm", sdtm_lib.SDTMConfig(**settings)))
+        methods.append(("sdtm", sdtm_lib.SDTMConfig(**settings, **shared)))
     if args.tome is not None:
-        methods.append((f"tome {args.tome}", sdtm_lib.ToMeConfig(
-            ratio=args.tome, proportional_attention=args.proportional_attention, merge_sum=args.merge_sum)))
+        methods.append((f"tome {args.tome}", sdtm_lib.ToMeConfig(ratio=args.tome, **shared)))
     if args.no_baseline and len(methods) > 1:
         methods = methods[1:]
     return methods
@@ -82,8 +83,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="SDTM: merged tokens' share of their own output against the protected steps' (release: 0.1)")
     ap.add_argument("--proportional-attention", action="store_true",
                     help="SDTM and ToMe: merged attention keys weigh as many as the tokens they hold (log group size)")
-    ap.add_argument("--merge-sum", choices=sdtm_lib.ops.MERGE_SUMS, default="scatter",
-                    help="SDTM (IDM) and ToMe: sum merged tokens by a scatter-add or by a 0/1 matmul (no scatter)")
+    ap.add_argument("--merge-sum", choices=sdtm_lib.ops.MERGE_SUMS,
+                    help="SDTM (IDM) and ToMe: sum merged tokens by a scatter-add (default) or a 0/1 matmul (no scatter)")
     ap.add_argument("--tome", type=float, metavar="RATIO", help="add a row with ToMe merging this fraction")
     ap.add_argument("--no-baseline", action="store_true", help="skip the baseline row")
     ap.add_argument("--compile-cache", metavar="DIR", help="persistent compilation cache folder (reused across runs)")

@@ -126,9 +126,10 @@ def merge_scatter(plan: MergePlan, x: jax.Array) -> jax.Array:
 
 def merge_matmul(plan: MergePlan, x: jax.Array) -> jax.Array:
     """`merge` for any plan with the sources summed by a matmul: the 0/1 matrix [B, M, R] of
-    which slot each source joins, times the scaled offsets [B, R, C]. No scatter (no atomic adds
-    on a GPU, no serialised updates on a TPU), at 2 * M * R * C FLOPs per row: 0.6 GFLOP for
-    DiT-XL/2's 1024 tokens merging half, dense work for a matrix unit, slow on a CPU.
+    which slot each source joins, times the scaled offsets [B, R, C]. No scatter (XLA:GPU lowers
+    a float scatter-add to atomics, a compare-and-swap loop in jaxlib 0.10.2-0.11.0), at
+    2 * M * R * C FLOPs per row: 0.6 GFLOP for DiT-XL/2's 1024 tokens merging half, dense work
+    for a matrix unit, dearer than the scatter on a CPU.
 
     float32 inputs multiply at full precision (`Precision.HIGHEST`, not a GPU's TF32), so this
     agrees with `merge_scatter` up to summation order. Narrower inputs (bfloat16) multiply in

@@ -11,6 +11,7 @@ from dit_jax.profiling import (
     OTHER,
     REGIONS,
     _leaves,
+    _op_events,
     distinct_fusions,
     instruction_regions,
     loop_ops,
@@ -86,6 +87,35 @@ def test_bench_profile_splits_a_merged_forward(tmp_path, capsys):
     assert rows["ssm:0.5"]["merge_plan"] > 0 and rows["ssm:0.5"]["merge"] > 0
     assert rows["idm:0.5"]["key_attention"] > 0
     assert "# profile" in capsys.readouterr().out
+
+
+def _event(pid, op, dur, ts=0.0):
+    return {"ph": "X", "pid": pid, "tid": 1, "ts": ts, "dur": dur, "name": op, "args": {"hlo_op": op, "hlo_module": "m"}}
+
+
+def test_device_events_win_and_their_absence_on_an_accelerator_is_an_error():
+    names = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+             {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}}]
+    host, kernel = _event(1, "fusion.1", 5.0), _event(2, "fusion.1", 2.0)
+    assert _op_events({"traceEvents": [*names, host, kernel]}, "m", on_accelerator=True) == [("fusion.1", 2.0)]
+    assert _op_events({"traceEvents": [*names, host]}, "m") == [("fusion.1", 5.0)]  # CPU: the thunks
+    with pytest.raises(RuntimeError, match="no device op events"):
+        _op_events({"traceEvents": [*names, host]}, "m", on_accelerator=True)
+
+
+def test_bench_keeps_its_timings_when_profiling_fails(tmp_path, capsys, monkeypatch):
+    def broken(compiled, run):
+        raise RuntimeError("no CUPTI")
+
+    monkeypatch.setattr(bench, "profile_regions", broken)
+    out = tmp_path / "r.json"
+    assert bench.main(["forward", "--variant", "DiT-S/2", "--image-size", "64", "--depth", "1", "--batch", "1",
+                       "--repeats", "1", "--strategies", "baseline", "--profile", "--json", str(out)]) == 0
+    import json
+
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["profile_s"] is None and row["median_s"] > 0
+    assert "profile of baseline failed: no CUPTI" in capsys.readouterr().err
 
 
 def test_missing_trace_is_an_error(monkeypatch):
