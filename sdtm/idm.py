@@ -29,7 +29,9 @@ from sdtm.ops import (
     checked_windows,
     identity_plan,
     merge_top_sources,
+    plan_for_sources,
     to_windows,
+    top_sources,
     unit_tokens,
     window_destinations,
 )
@@ -83,11 +85,15 @@ def idm_plan(
     dst_pos = jnp.argmax(to_windows(dst_score, grid, window), axis=-1)  # (B, W), first position on ties
     is_dst, dst_token = window_destinations(dst_pos, grid, window)
     unit = unit_tokens(metric).astype(metric.dtype)
-    best_similarity, best_dst = best_destinations(unit, dst_token)  # (B, N)
-    rank = best_similarity if attention is None else inattentiveness(attention)
-    if priority is not None:
-        rank = rank + a_d * priority.astype(jnp.float32)
-    return merge_top_sources(is_dst, best_dst, rank, merge_count, merge_sum)
+    bonus = 0.0 if priority is None else a_d * priority.astype(jnp.float32)
+    if attention is None:  # sources rank by their similarity: every token needs its best match
+        best_similarity, best_dst = best_destinations(unit, dst_token)  # (B, N)
+        return merge_top_sources(is_dst, best_dst, best_similarity + bonus, merge_count, merge_sum)
+    # Ranked by attention, the sources are chosen before any similarity: only the merge_count
+    # merging ones need a destination (a [R, W] similarity per row instead of [N, W]).
+    merging = top_sources(is_dst, inattentiveness(attention) + bonus, merge_count)  # (B, R)
+    _, dst_of_merging = best_destinations(unit, dst_token, among=merging)
+    return plan_for_sources(merging, dst_of_merging, num_tokens, merge_sum)
 
 
 @dataclasses.dataclass(frozen=True)

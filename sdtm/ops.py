@@ -377,35 +377,53 @@ def window_destinations(
     return is_dst, top_left + (dst_pos // win_w) * grid[1] + dst_pos % win_w
 
 
-def best_destinations(unit: jax.Array, dst_token: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The most cosine-similar destination (anywhere on the grid) of every token.
+def best_destinations(
+    unit: jax.Array, dst_token: jax.Array, among: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """The most cosine-similar destination (anywhere on the grid) of every token, or of the
+    tokens `among` only.
 
-    unit [B, N, C] unit tokens, dst_token int [B, W] from `window_destinations`; returns
-    (best_similarity f32 [B, N], best_dst_token int32 [B, N]), read at the sources by the caller.
-    Ties go to the first destination in window order. The matmul runs in unit's dtype (bf16 on
-    accelerators: only the ranking matters, and an fp32-exact product costs several times the
-    merge savings on a GPU) with float32 accumulation.
+    unit [B, N, C] unit tokens, dst_token int [B, W] from `window_destinations`, among int
+    [B, K] or None (all N tokens); returns (best_similarity f32 [B, K], best_dst_token int32
+    [B, K]) in the order of `among` (K = N when None: the caller reads them at its sources).
+    Ties go to the first destination in window order. The matmul (K x W per row) runs in
+    unit's dtype (bf16 on accelerators: only the ranking matters, and an fp32-exact product
+    costs several times the merge savings on a GPU) with float32 accumulation.
     """
     dst = _take_tokens(unit, dst_token)  # (B, W, C)
-    similarity = jnp.einsum("bnc,bwc->bnw", unit, dst, preferred_element_type=jnp.float32)
-    best_window = jnp.argmax(similarity, axis=-1)  # (B, N)
+    tokens = unit if among is None else _take_tokens(unit, among)  # (B, K, C)
+    similarity = jnp.einsum("bkc,bwc->bkw", tokens, dst, preferred_element_type=jnp.float32)
+    best_window = jnp.argmax(similarity, axis=-1)  # (B, K)
     return jnp.max(similarity, axis=-1), take_along(dst_token, best_window)
+
+
+def top_sources(is_dst: jax.Array, rank: jax.Array, merge_count: int) -> jax.Array:
+    """int32 [B, merge_count]: the highest-ranked tokens that are not destinations.
+
+    is_dst bool [B, N]; rank f32 [B, N] (ties: the lower token index wins, as `lax.top_k`
+    keeps it). merge_count must not exceed the number of non-destinations.
+    """
+    return jax.lax.top_k(jnp.where(is_dst, -jnp.inf, rank), merge_count)[1].astype(jnp.int32)
+
+
+def plan_for_sources(
+    merging: jax.Array, dst_of_merging: jax.Array, num_tokens: int, merge_sum: str = "scatter"
+) -> MergePlan:
+    """Plan in which the tokens `merging` int [B, R] (distinct, none of them a destination) join
+    the destinations `dst_of_merging` int [B, R]; every other token keeps its own slot.
+    `merge_sum` goes to the plan (see MergePlan)."""
+    batch, merge_count = merging.shape
+    rows = jnp.arange(batch)[:, None]
+    is_src = jnp.zeros((batch, num_tokens), bool).at[rows, merging].set(True, unique_indices=True)
+    tokens = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch, num_tokens))
+    parent = tokens.at[rows, merging].set(dst_of_merging.astype(jnp.int32), unique_indices=True)
+    return dataclasses.replace(plan_from_parents(parent, is_src, merge_count), merge_sum=merge_sum)
 
 
 def merge_top_sources(
     is_dst: jax.Array, best_dst: jax.Array, rank: jax.Array, merge_count: int, merge_sum: str = "scatter"
 ) -> MergePlan:
-    """Plan that merges the `merge_count` highest-ranked sources (tokens that are not
-    destinations) into their best destinations; `merge_sum` goes to the plan (see MergePlan).
-
-    is_dst bool [B, N]; best_dst int [B, N] (read at the sources); rank f32 [B, N] (ties: the
-    lower token index wins, as `lax.top_k` keeps it). merge_count must not exceed the number of
-    sources. Every other token keeps its own slot.
-    """
-    batch, num_tokens = rank.shape
-    rows = jnp.arange(batch)[:, None]
-    _, merging = jax.lax.top_k(jnp.where(is_dst, -jnp.inf, rank), merge_count)  # (B, R) token ids
-    is_src = jnp.zeros((batch, num_tokens), bool).at[rows, merging].set(True, unique_indices=True)
-    tokens = jnp.arange(num_tokens, dtype=jnp.int32)
-    parent = jnp.where(is_src, best_dst.astype(jnp.int32), tokens)  # a destination is never a source
-    return dataclasses.replace(plan_from_parents(parent, is_src, merge_count), merge_sum=merge_sum)
+    """Plan that merges the `merge_count` highest-ranked sources (`top_sources`) into their best
+    destinations, best_dst int [B, N] (read at the sources)."""
+    merging = top_sources(is_dst, rank, merge_count)
+    return plan_for_sources(merging, take_along(best_dst, merging), rank.shape[1], merge_sum)

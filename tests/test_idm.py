@@ -123,3 +123,17 @@ def test_inattentiveness_is_one_minus_attention_over_its_mean():
 def test_idm_errors(count, grid, tokens, message):
     with pytest.raises(ValueError, match=message):
         sdtm.idm_plan(jnp.ones((1, tokens, 2)), count, grid=grid)
+
+
+def test_attention_ranked_plans_match_only_the_merging_sources():
+    """Ranked by attention, only the merge_count chosen sources get a similarity row ([R, W] per
+    row); ranked by similarity, every token needs one ([N, W])."""
+    metric, attention = jnp.ones((2, 24, 3)), jnp.ones((2, 24))
+
+    def similarity_shapes(text):
+        return [line.split("->")[-1].strip() for line in text.splitlines() if "dot_general" in line]
+
+    by_attention = jax.jit(lambda m, a: sdtm.idm_plan(m, 5, grid=(4, 6), attention=a)).lower(metric, attention)
+    by_similarity = jax.jit(lambda m: sdtm.idm_plan(m, 5, grid=(4, 6))).lower(metric)
+    assert similarity_shapes(by_attention.as_text()) == ["tensor<2x5x6xf32>"]
+    assert similarity_shapes(by_similarity.as_text()) == ["tensor<2x24x6xf32>"]
