@@ -128,39 +128,29 @@ def parse_strategy(text: str):
     plan_every = int(every) if every else 1
     if name == "baseline":
         return False
-    if name in ("sdtm", "tome", "ssm", "idm") and "=" in value:
-        cls = sdtm_lib.ToMeConfig if name == "tome" else sdtm_lib.SDTMConfig
-        try:
-            fields = parse_fields(cls, value)
-        except ValueError as e:
-            raise ValueError(f"strategy {text!r}: {e}") from None
-        if every and "plan_every" in fields:
-            raise ValueError(f"strategy {text!r} sets plan_every twice (*{every} and plan_every=)")
-        fields.setdefault("plan_every", plan_every)
-        if name in ("ssm", "idm"):  # one stage at a fixed ratio: no deviation, no switch
-            if {"deviation", "switch_step"} & set(fields):
-                raise ValueError(f"strategy {text!r}: {name} runs one stage at a fixed ratio; drop deviation and switch_step")
-            fields.update(deviation=0.0, switch_step=1.0 if name == "ssm" else 0)
-        try:
-            config = cls(**fields)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"strategy {text!r}: {e}") from None
-        return (name, config) if name in ("ssm", "idm") else config
-    ratio = float(value) if value else None
-    if name == "sdtm":
-        return sdtm_lib.SDTMConfig(plan_every=plan_every, **({} if ratio is None else {"ratio": ratio}))
-    if name == "tome":
-        return sdtm_lib.ToMeConfig(ratio=0.5 if ratio is None else ratio, plan_every=plan_every)
-    if name in ("ssm", "idm"):
-        stage = sdtm_lib.SDTMConfig(
-            ratio=0.5 if ratio is None else ratio, deviation=0.0, switch_step=1.0 if name == "ssm" else 0,
-            plan_every=plan_every,
+    if name not in ("sdtm", "tome", "ssm", "idm"):
+        raise ValueError(
+            f"unknown strategy {text!r}; use baseline, sdtm[:RATIO], tome[:RATIO], ssm:RATIO or idm:RATIO, "
+            "sdtm|ssm|idm|tome:key=value,..., optionally with *EVERY (plan sharing) and /xla or /cudnn"
         )
-        return (name, stage)
-    raise ValueError(
-        f"unknown strategy {text!r}; use baseline, sdtm[:RATIO], tome[:RATIO], ssm:RATIO or idm:RATIO, "
-        "sdtm|ssm|idm|tome:key=value,..., optionally with *EVERY (plan sharing) and /xla or /cudnn"
-    )
+    cls = sdtm_lib.ToMeConfig if name == "tome" else sdtm_lib.SDTMConfig
+    stage = name in ("ssm", "idm")  # one stage at a fixed ratio: no deviation, no switch
+    try:
+        fields = parse_fields(cls, value) if "=" in value else ({"ratio": float(value)} if value else {})
+    except ValueError as e:
+        raise ValueError(f"strategy {text!r}: {e}") from None
+    if every and "plan_every" in fields:
+        raise ValueError(f"strategy {text!r} sets plan_every twice (*{every} and plan_every=)")
+    fields.setdefault("plan_every", plan_every)
+    if stage:
+        if {"deviation", "switch_step"} & set(fields):
+            raise ValueError(f"strategy {text!r}: {name} runs one stage at a fixed ratio; drop deviation and switch_step")
+        fields.update(deviation=0.0, switch_step=1.0 if name == "ssm" else 0)
+    try:
+        config = cls(**fields)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"strategy {text!r}: {e}") from None
+    return (name, config) if stage else config
 
 
 def _text_length(cfg) -> int:

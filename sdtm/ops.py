@@ -414,9 +414,9 @@ def plan_for_sources(
     `merge_sum` goes to the plan (see MergePlan)."""
     batch, merge_count = merging.shape
     rows = jnp.arange(batch)[:, None]
-    is_src = jnp.zeros((batch, num_tokens), bool).at[rows, merging].set(True, unique_indices=True)
     tokens = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch, num_tokens))
     parent = tokens.at[rows, merging].set(dst_of_merging.astype(jnp.int32), unique_indices=True)
+    is_src = parent != tokens  # a merging token's destination is another token
     return dataclasses.replace(plan_from_parents(parent, is_src, merge_count), merge_sum=merge_sum)
 
 
