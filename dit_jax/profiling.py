@@ -109,6 +109,25 @@ def loop_ops(hlo_text: str) -> list[int]:
     return sorted(counts, reverse=True)
 
 
+_TOP_K = re.compile(r'custom_call_target="[^"]*top_?k', re.IGNORECASE)
+
+
+def entry_ops(hlo_text: str) -> dict[str, int]:
+    """What a compiled module without loops (`compiled.as_text()`) launches: {"ops": the entry
+    computation's ops (as `loop_ops` counts them), "sort": sorts and top-k calls, "scatter": ...},
+    the last two counted wherever they sit (XLA's CPU backend wraps a scatter in a fusion)."""
+    entry = hlo_text[hlo_text.index("\nENTRY"):].strip().split("\n\n")[0].splitlines()[1:]
+    opcodes = [m.group(1) for line in entry if (m := _OPCODE.match(line))]
+    lines = hlo_text.splitlines()
+    everywhere = collections.Counter(m.group(1) for line in lines if (m := _OPCODE.match(line)))
+    top_k = sum(bool(_TOP_K.search(line)) for line in lines if " custom-call(" in line)
+    return {
+        "ops": sum(op not in _NOT_OPS for op in opcodes),
+        "sort": everywhere["sort"] + top_k,
+        "scatter": everywhere["scatter"],
+    }
+
+
 def module_name(hlo_text: str) -> str:
     first = hlo_text.split("\n", 1)[0]
     return first.split()[1].rstrip(",") if first.startswith("HloModule") else ""

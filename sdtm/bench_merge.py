@@ -3,7 +3,10 @@
     python -m sdtm.bench_merge                      # CPU, B=2, C=1152, N in 256/1024/4096
     python -m sdtm.bench_merge --tokens 1024 --dtype bfloat16
 
-Every variant computes `sdtm.merge` up to round-off (tests/test_ops.py checks that they agree):
+Each row starts with what building the plan runs ("plan ops": the ops of the plan compiled for
+this device, each a kernel launch on a GPU, and how many of them sort or scatter), then times
+the build and the merge variants. Every variant computes `sdtm.merge` up to round-off
+(tests/test_ops.py checks that they agree):
   offsets      sdtm.merge: seeds + (token - seed) / group size summed per group, exact when a
                group's tokens are equal; for SSM's window plans in place per window and one
                gather (sdtm.ops.merge_windows), for the others as `scatter`
@@ -29,6 +32,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from dit_jax.profiling import entry_ops
 from sdtm.idm import idm_plan
 from sdtm.ops import MergePlan, merge, merge_matmul, merge_scatter, unmerge
 from sdtm.ssm import ssm_plan
@@ -136,7 +140,9 @@ def run(tokens: list[int], batch: int, channels: int, dtype: str, reps: int, one
             calls["unmerge"] = (jax.jit(unmerge), plan, merge(plan, x))
             row = _time_all(calls, reps)
             cells = "  ".join(f"{k} {v:8.3f}" for k, v in row.items())
-            print(f"N={num_tokens:5d} {name:4s} R={plan.merge_count:5d}  {cells}", flush=True)
+            ops = entry_ops(build.lower(metric).compile().as_text())
+            launched = f"plan ops {ops['ops']:3d} ({ops['sort']} sort, {ops['scatter']} scatter)"
+            print(f"N={num_tokens:5d} {name:4s} R={plan.merge_count:5d}  {launched}  {cells}", flush=True)
 
 
 def main() -> None:

@@ -30,8 +30,8 @@ from sdtm.ops import (
     identity_plan,
     merge_top_sources,
     plan_for_sources,
+    rank_sources,
     to_windows,
-    top_sources,
     unit_tokens,
     window_destinations,
 )
@@ -91,9 +91,9 @@ def idm_plan(
         return merge_top_sources(is_dst, best_dst, best_similarity + bonus, merge_count, merge_sum)
     # Ranked by attention, the sources are chosen before any similarity: only the merge_count
     # merging ones need a destination (a [R, W] similarity per row instead of [N, W]).
-    merging = top_sources(is_dst, inattentiveness(attention) + bonus, merge_count)  # (B, R)
-    _, dst_of_merging = best_destinations(unit, dst_token, among=merging)
-    return plan_for_sources(merging, dst_of_merging, num_tokens, merge_sum)
+    order = rank_sources(is_dst, inattentiveness(attention) + bonus)  # (B, N), the merging first
+    _, dst_of_merging = best_destinations(unit, dst_token, among=order[:, :merge_count])
+    return plan_for_sources(order, dst_of_merging, merge_sum)
 
 
 @dataclasses.dataclass(frozen=True)

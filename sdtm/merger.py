@@ -93,7 +93,7 @@ class BatchParallel:
     """`inner`'s plans built on every device from its own rows of a batch split over `mesh`'s
     `axis` (`jax.shard_map`). Plans, counters and key attention are per row, so this computes
     the same as `inner` alone, without the cross-device gathers XLA's partitioner inserts around
-    top_k and row-indexed scatters. A batch whose rows do not split evenly, or whose per-device
+    sorts and row-indexed scatters. A batch whose rows do not split evenly, or whose per-device
     row count has another parity than the whole batch's (ToMe's destinations depend on it), is
     built by `inner` over the whole batch.
     """

@@ -9,7 +9,8 @@ back the output of the slot it went into. All index arrays have shapes fixed by
 
 Besides merge/unmerge this module holds what every strategy shares: the window layout of a
 token grid, cosine normalisation, bipartite matching of sources to per-window destinations,
-and `plan_from_parents`, which turns "token n joins token parent[n]" into a MergePlan.
+`plan_for_sources`, which turns one ranked order of the tokens into a bipartite plan (IDM,
+ToMe), and `plan_from_parents`, which turns any "token n joins token parent[n]" into a plan.
 """
 
 from __future__ import annotations
@@ -29,13 +30,16 @@ class MergePlan:
     """How N tokens become N - merge_count slots, per batch element.
 
     Fields (B batch, N tokens, M = N - R slots, R = merge_count):
-      keep_index: int32 [B, M]   token that seeds each slot (ascending token order)
-      src_index:  int32 [B, R]   tokens folded into another slot (ascending token order)
+      keep_index: int32 [B, M]   token that seeds each slot
+      src_index:  int32 [B, R]   tokens folded into another slot
       src_slot:   int32 [B, R]   slot each of those tokens joins
       slot_scale: float32 [B, M] 1 / (tokens in the slot)
       token_slot: int32 [B, N]   slot of every token (the inverse index unmerge gathers through)
+    Slots may come in any order (blocks are token-wise or attention, which ignores order): the
+    strategies' plans order them as their one sort left them, `plan_from_parents` by token.
     windows: static ((H, W), (win_h, win_w)) when every group is a whole window of that grid
-      (SSM), which lets `merge` average windows in place instead of scatter-adding; else None.
+      and the merged windows hold the first R / (K - 1) slots (SSM, K tokens a window): `merge`
+      then averages windows in place instead of scatter-adding; else None.
     merge_sum: static, how `merge` sums the sources of a plan without `windows` (IDM, ToMe):
       "scatter" (a scatter-add, `merge_scatter`) or "matmul" (a 0/1 matrix times the sources,
       `merge_matmul`: no scatter, so no atomics on a GPU).
@@ -149,20 +153,20 @@ def merge_matmul(plan: MergePlan, x: jax.Array) -> jax.Array:
 
 def merge_windows(plan: MergePlan, x: jax.Array) -> jax.Array:
     """`merge` for a plan whose groups are whole windows (`plan.windows` set): the mean of every
-    window (a reshape and a reduction), then each slot gathers its seed token, or its window's
-    mean when that window is merged. Gathers and no scatter: no atomic adds on a GPU."""
+    window (a reshape and a reduction) gathered into the first slots, the merged windows', and
+    the other slots' seed tokens gathered after them. No scatter: no atomic adds on a GPU."""
     (height, width), (win_h, win_w) = plan.windows
     batch, _, channels = x.shape
+    merged = plan.merge_count // (win_h * win_w - 1)  # the first `merged` slots are windows
     blocks = x.astype(jnp.float32).reshape(batch, height // win_h, win_h, width // win_w, win_w, channels)
     seed = blocks[:, :, :1, :, :1]  # each window's top-left token, the seed of its slot
     mean = seed + jnp.sum(blocks - seed, axis=(2, 4), keepdims=True) * (1.0 / (win_h * win_w))
     mean = mean.reshape(batch, -1, channels)  # (B, num_windows, C), windows row-major
-    # The window of each slot's seed token, by arithmetic on the row-major grid.
-    row, col = plan.keep_index // width, plan.keep_index % width
-    slot_window = (row // win_h) * (width // win_w) + col // win_w  # (B, M)
-    is_window = (plan.slot_scale < 1.0)[..., None]  # (B, M, 1)
-    kept = _take_tokens(x, plan.keep_index).astype(jnp.float32)
-    return jnp.where(is_window, _take_tokens(mean, slot_window), kept).astype(x.dtype)
+    # The window of each merged slot's seed token, by arithmetic on the row-major grid.
+    seeds = plan.keep_index[:, :merged]
+    slot_window = (seeds // width // win_h) * (width // win_w) + seeds % width // win_w  # (B, merged)
+    means = _take_tokens(mean, slot_window).astype(x.dtype)
+    return jnp.concatenate([means, _take_tokens(x, plan.keep_index[:, merged:])], axis=1)
 
 
 @jax.named_scope("unmerge")
@@ -397,33 +401,45 @@ def best_destinations(
     return jnp.max(similarity, axis=-1), take_along(dst_token, best_window)
 
 
-def top_sources(is_dst: jax.Array, rank: jax.Array, merge_count: int) -> jax.Array:
-    """int32 [B, merge_count]: the highest-ranked tokens that are not destinations.
+def rank_sources(is_dst: jax.Array, rank: jax.Array) -> jax.Array:
+    """int32 [B, N]: every row's tokens, best-ranked source first, destinations last.
 
-    is_dst bool [B, N]; rank f32 [B, N] (ties: the lower token index wins, as `lax.top_k`
-    keeps it). merge_count must not exceed the number of non-destinations.
+    is_dst bool [B, N]; rank f32 [B, N] (ties: the lower token index first, as `lax.top_k`).
+    Its first R entries are the R sources that merge, the rest the tokens that keep a slot:
+    `plan_for_sources` needs no other sort.
     """
-    return jax.lax.top_k(jnp.where(is_dst, -jnp.inf, rank), merge_count)[1].astype(jnp.int32)
+    return jnp.argsort(jnp.where(is_dst, jnp.inf, -rank), axis=1, stable=True).astype(jnp.int32)
 
 
-def plan_for_sources(
-    merging: jax.Array, dst_of_merging: jax.Array, num_tokens: int, merge_sum: str = "scatter"
-) -> MergePlan:
-    """Plan in which the tokens `merging` int [B, R] (distinct, none of them a destination) join
-    the destinations `dst_of_merging` int [B, R]; every other token keeps its own slot.
-    `merge_sum` goes to the plan (see MergePlan)."""
-    batch, merge_count = merging.shape
+def plan_for_sources(order: jax.Array, dst_of_merging: jax.Array, merge_sum: str = "scatter") -> MergePlan:
+    """Plan in which the first R tokens of `order` (int [B, N], a permutation of each row's
+    tokens, from `rank_sources`) join the tokens `dst_of_merging` int [B, R], none of which is
+    among those R; the other N - R tokens keep a slot each, in `order`'s order. One scatter
+    inverts `order` and one counts the groups; `merge_sum` goes to the plan (see MergePlan)."""
+    batch, num_tokens = order.shape
+    merge_count = dst_of_merging.shape[1]
     rows = jnp.arange(batch)[:, None]
     tokens = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch, num_tokens))
-    parent = tokens.at[rows, merging].set(dst_of_merging.astype(jnp.int32), unique_indices=True)
-    is_src = parent != tokens  # a merging token's destination is another token
-    return dataclasses.replace(plan_from_parents(parent, is_src, merge_count), merge_sum=merge_sum)
+    place = jnp.zeros((batch, num_tokens), jnp.int32).at[rows, order].set(tokens, unique_indices=True)
+    src_slot = take_along(place, dst_of_merging.astype(jnp.int32)) - merge_count  # (B, R)
+    is_src = place < merge_count
+    joined = take_along(src_slot, jnp.where(is_src, place, 0))  # (B, N): read at the sources only
+    # Group sizes counted in int32: integer atomics are native on a GPU, float ones may not be.
+    size = jnp.ones((batch, num_tokens - merge_count), jnp.int32).at[rows, src_slot].add(1)
+    return MergePlan(
+        keep_index=order[:, merge_count:],
+        src_index=order[:, :merge_count],
+        src_slot=src_slot,
+        slot_scale=1.0 / size.astype(jnp.float32),
+        token_slot=jnp.where(is_src, joined, place - merge_count),
+        merge_sum=merge_sum,
+    )
 
 
 def merge_top_sources(
     is_dst: jax.Array, best_dst: jax.Array, rank: jax.Array, merge_count: int, merge_sum: str = "scatter"
 ) -> MergePlan:
-    """Plan that merges the `merge_count` highest-ranked sources (`top_sources`) into their best
-    destinations, best_dst int [B, N] (read at the sources)."""
-    merging = top_sources(is_dst, rank, merge_count)
-    return plan_for_sources(merging, take_along(best_dst, merging), rank.shape[1], merge_sum)
+    """Plan that merges the `merge_count` highest-ranked sources (`rank_sources`) into their
+    best destinations, best_dst int [B, N] (read at the sources)."""
+    order = rank_sources(is_dst, rank)
+    return plan_for_sources(order, take_along(best_dst, order[:, :merge_count]), merge_sum)

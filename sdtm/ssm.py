@@ -21,12 +21,11 @@ from sdtm.ops import (
     as_pair,
     check_merge_count,
     checked_windows,
-    from_windows,
     identity_plan,
-    plan_from_parents,
     token_window_position,
     unit_tokens,
     window_sum,
+    window_tokens,
 )
 
 
@@ -77,18 +76,37 @@ def ssm_plan(
     score = window_similarity(metric, grid, window)  # (B, W)
     if priority is not None:
         score = score + (a_s / k) * window_sum(priority.astype(jnp.float32), grid, window)
-    _, chosen = jax.lax.top_k(score, merge_count // (k - 1))  # (B, n) window ids
+    return window_plan(score, merge_count // (k - 1), grid, window)
+
+
+def window_plan(score: jax.Array, merged: int, grid: tuple[int, int], window: tuple[int, int]) -> MergePlan:
+    """The plan that merges the `merged` best-scoring windows (score f32 [B, W]; ties: the lower
+    window index first) into one slot each, seeded by the window's top-left token.
+
+    Slots come in window rank order: first the merged windows, then every token of the other
+    windows, window by window (the layout `sdtm.ops.merge_windows` relies on). One sort of the
+    W window scores and one scatter to invert it; the rest is arithmetic on static tables.
+    """
+    batch, num_windows = score.shape
+    table = window_tokens(grid, window)  # (W, K) NumPy
+    k = table.shape[1]
     rows = jnp.arange(batch)[:, None]
-    selected = jnp.zeros((batch, num_windows), bool).at[rows, chosen].set(True, unique_indices=True)  # (B, W)
-    in_selected = from_windows(jnp.broadcast_to(selected[..., None], (batch, num_windows, k)), grid, window)  # (B, N)
-    # Static per-token lookups: each token's in-window position and its window's seed (top-left).
-    token_window, token_pos = token_window_position(grid, window)
-    seed = windows[token_window, 0]  # (N,) NumPy
-    is_src = in_selected & (token_pos != 0)
-    parent = jnp.where(in_selected, seed, jnp.arange(num_tokens, dtype=jnp.int32))
-    group_size = jnp.where(in_selected, k, 1)  # a selected window's seed leads all K of its tokens
-    plan = plan_from_parents(parent, is_src, merge_count, group_size)
-    return dataclasses.replace(plan, windows=(grid, window))
+    order = jnp.argsort(-score, axis=1, stable=True).astype(jnp.int32)  # (B, W) windows, best first
+    rank = jnp.zeros((batch, num_windows), jnp.int32).at[rows, order].set(
+        jnp.arange(num_windows, dtype=jnp.int32), unique_indices=True
+    )  # (B, W): where each window landed in `order`
+    tokens_of = jnp.asarray(table)[order]  # (B, W, K): each ranked window's tokens
+    token_window, token_pos = token_window_position(grid, window)  # (N,) each, NumPy
+    token_rank = rank[:, token_window]  # (B, N)
+    slots = num_windows * k - merged * (k - 1)
+    return MergePlan(
+        keep_index=jnp.concatenate([tokens_of[:, :merged, 0], tokens_of[:, merged:].reshape(batch, -1)], axis=1),
+        src_index=tokens_of[:, :merged, 1:].reshape(batch, -1),
+        src_slot=jnp.broadcast_to(jnp.repeat(jnp.arange(merged, dtype=jnp.int32), k - 1), (batch, merged * (k - 1))),
+        slot_scale=jnp.broadcast_to(jnp.where(jnp.arange(slots) < merged, 1.0 / k, 1.0), (batch, slots)),
+        token_slot=jnp.where(token_rank < merged, token_rank, merged + (token_rank - merged) * k + token_pos),
+        windows=(grid, window),
+    )
 
 
 @dataclasses.dataclass(frozen=True)

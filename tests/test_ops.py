@@ -12,7 +12,7 @@ from sdtm_testing import check_partition, group_means, plan_groups
 
 import sdtm
 from sdtm import bench_merge
-from sdtm.ops import check_grid, plan_from_parents, window_tokens
+from sdtm.ops import check_grid, plan_for_sources, plan_from_parents, window_tokens
 
 SETTINGS = settings(max_examples=20, deadline=None)
 BATCH, CHANNELS = 2, 6
@@ -131,6 +131,37 @@ def test_plan_from_parents_small_example():
     np.testing.assert_allclose(plan.slot_scale, [[1 / 3, 1.0, 0.5]])
     x = jnp.arange(6.0)[None, :, None]
     np.testing.assert_allclose(sdtm.merge(plan, x)[0, :, 0], [(0 + 1 + 4) / 3, 2, (3 + 5) / 2], rtol=1e-6)
+
+
+def test_plan_for_sources_small_example():
+    # The same groups as above from a ranked order: 1, 4 and 5 merge (into 0, 0 and 3), and the
+    # slots follow the order's tail.
+    order = jnp.array([[4, 1, 5, 3, 0, 2]], jnp.int32)
+    plan = plan_for_sources(order, jnp.array([[0, 0, 3]], jnp.int32))
+    np.testing.assert_array_equal(plan.keep_index, [[3, 0, 2]])
+    np.testing.assert_array_equal(plan.src_index, [[4, 1, 5]])
+    np.testing.assert_array_equal(plan.src_slot, [[1, 1, 0]])
+    np.testing.assert_array_equal(plan.token_slot, [[1, 1, 2, 0, 1, 0]])
+    np.testing.assert_allclose(plan.slot_scale, [[0.5, 1 / 3, 1.0]])
+    x = jnp.arange(6.0)[None, :, None]
+    np.testing.assert_allclose(sdtm.merge(plan, x)[0, :, 0], [(3 + 5) / 2, (0 + 1 + 4) / 3, 2], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["ssm", "idm_attention", "idm_frequency", "tome"])
+def test_plans_sort_once(kind):
+    """Each strategy's plan costs one sort (no top_k besides) and at most two scatters: on a GPU
+    every op of a plan is a kernel launch in every block."""
+    grid, window, count = (4, 6), (2, 2), 9
+    metric, priority = random_tokens(1, 24), jnp.ones((BATCH, 24))
+    build = {
+        "ssm": lambda m: sdtm.ssm_plan(m, count, grid=grid, window=window, priority=priority),
+        "idm_attention": lambda m: sdtm.idm_plan(m, count, grid=grid, window=window, attention=priority),
+        "idm_frequency": lambda m: sdtm.idm_plan(m, count, grid=grid, window=window, priority=priority),
+        "tome": lambda m: sdtm.tome_plan(m, count, grid=grid, window=window, key=jax.random.key(0)),
+    }[kind]
+    text = jax.jit(build).lower(metric).as_text()
+    assert text.count('"stablehlo.sort"(') == 1 and "top_k" not in text
+    assert text.count('"stablehlo.scatter"(') == (1 if kind == "ssm" else 2)
 
 
 @pytest.mark.parametrize("kind", ["idm_frequency", "idm_frequency+matmul"])

@@ -13,6 +13,7 @@ from dit_jax.profiling import (
     _leaves,
     _op_events,
     distinct_fusions,
+    entry_ops,
     instruction_regions,
     loop_ops,
     profile_regions,
@@ -138,3 +139,16 @@ def test_loop_ops_counts_each_loop_body():
     assert len(counts) == 2 and all(c >= 1 for c in counts)
     assert max(counts) >= 2  # the scan body runs at least the fusion and the sort
     assert loop_ops(jax.jit(jnp.sin).lower(jnp.ones(8)).compile().as_text()) == []
+
+
+def test_entry_ops_counts_sorts_and_scatters():
+    def plan_like(x):
+        order = jnp.argsort(jnp.sin(x))  # a fusion and a sort
+        return jnp.zeros(8, jnp.int32).at[order].set(jnp.arange(8, dtype=jnp.int32)) + 1  # a scatter
+
+    counts = entry_ops(jax.jit(plan_like).lower(jnp.ones(8)).compile().as_text())
+    assert counts["sort"] == 1 and counts["scatter"] == 1
+    assert counts["ops"] >= 3
+    top_k = entry_ops(jax.jit(lambda x: jax.lax.top_k(x, 3)[1]).lower(jnp.ones((2, 8))).compile().as_text())
+    assert top_k["sort"] == 1  # a top-k sorts too (XLA's CPU backend calls a library routine)
+    assert entry_ops(jax.jit(jnp.sin).lower(jnp.ones(8)).compile().as_text()) == {"ops": 1, "sort": 0, "scatter": 0}
