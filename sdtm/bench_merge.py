@@ -141,7 +141,7 @@ def run(tokens: list[int], batch: int, channels: int, dtype: str, reps: int, one
             row = _time_all(calls, reps)
             cells = "  ".join(f"{k} {v:8.3f}" for k, v in row.items())
             ops = entry_ops(build.lower(metric).compile().as_text())
-            launched = f"plan ops {ops['ops']:3d} ({ops['sort']} sort, {ops['scatter']} scatter)"
+            launched = f"plan ops {ops['ops']:3d} (sorts {ops['sort']}, scatters {ops['scatter']})"
             print(f"N={num_tokens:5d} {name:4s} R={plan.merge_count:5d}  {launched}  {cells}", flush=True)
 
 

@@ -32,7 +32,6 @@ from sdtm.ops import (
     plan_for_sources,
     rank_sources,
     to_windows,
-    unit_tokens,
     window_destinations,
 )
 
@@ -84,15 +83,14 @@ def idm_plan(
     grid, window = as_pair(grid), as_pair(window)
     dst_pos = jnp.argmax(to_windows(dst_score, grid, window), axis=-1)  # (B, W), first position on ties
     is_dst, dst_token = window_destinations(dst_pos, grid, window)
-    unit = unit_tokens(metric).astype(metric.dtype)
     bonus = 0.0 if priority is None else a_d * priority.astype(jnp.float32)
     if attention is None:  # sources rank by their similarity: every token needs its best match
-        best_similarity, best_dst = best_destinations(unit, dst_token)  # (B, N)
+        best_similarity, best_dst = best_destinations(metric, dst_token)  # (B, N)
         return merge_top_sources(is_dst, best_dst, best_similarity + bonus, merge_count, merge_sum)
     # Ranked by attention, the sources are chosen before any similarity: only the merge_count
     # merging ones need a destination (a [R, W] similarity per row instead of [N, W]).
     order = rank_sources(is_dst, inattentiveness(attention) + bonus)  # (B, N), the merging first
-    _, dst_of_merging = best_destinations(unit, dst_token, among=order[:, :merge_count])
+    _, dst_of_merging = best_destinations(metric, dst_token, among=order[:, :merge_count])
     return plan_for_sources(order, dst_of_merging, merge_sum)
 
 

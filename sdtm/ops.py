@@ -360,7 +360,10 @@ def check_merge_count(merge_count, limit: int, what: str) -> int:
 # Similarity and bipartite matching
 
 
-def unit_tokens(metric: jax.Array, eps: float = 1e-6) -> jax.Array:
+UNIT_EPS = 1e-6  # lengths below this count as this (a zero token stays zero)
+
+
+def unit_tokens(metric: jax.Array, eps: float = UNIT_EPS) -> jax.Array:
     """Tokens scaled to unit length in float32, so dot products are cosine similarities.
     A zero token stays zero (similarity 0 to everything)."""
     x = metric.astype(jnp.float32)
@@ -382,23 +385,34 @@ def window_destinations(
 
 
 def best_destinations(
-    unit: jax.Array, dst_token: jax.Array, among: jax.Array | None = None
+    metric: jax.Array, dst_token: jax.Array, among: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """The most cosine-similar destination (anywhere on the grid) of every token, or of the
     tokens `among` only.
 
-    unit [B, N, C] unit tokens, dst_token int [B, W] from `window_destinations`, among int
-    [B, K] or None (all N tokens); returns (best_similarity f32 [B, K], best_dst_token int32
-    [B, K]) in the order of `among` (K = N when None: the caller reads them at its sources).
-    Ties go to the first destination in window order. The matmul (K x W per row) runs in
-    unit's dtype (bf16 on accelerators: only the ranking matters, and an fp32-exact product
-    costs several times the merge savings on a GPU) with float32 accumulation.
+    metric [B, N, C] (not normalised), dst_token int [B, W] from `window_destinations`, among
+    int [B, K] or None (all N tokens); returns (best cosine similarity f32 [B, K], best_dst_token
+    int32 [B, K]) in the order of `among` (K = N when None: the caller reads them at its
+    sources). Ties go to the first destination in window order.
+
+    Only the W destinations are normalised: a token's own length scales its row of dot
+    products and does not move its argmax, so the tokens enter the matmul as they are, and
+    their best dot product is divided by their length afterwards (XLA drops that when the
+    caller ignores the similarity). The matmul (K x W per row) runs in the metric's dtype (bf16
+    on accelerators: only the ranking matters, and an fp32-exact product costs several times the
+    merge savings on a GPU) with float32 accumulation.
     """
-    dst = _take_tokens(unit, dst_token)  # (B, W, C)
-    tokens = unit if among is None else _take_tokens(unit, among)  # (B, K, C)
-    similarity = jnp.einsum("bkc,bwc->bkw", tokens, dst, preferred_element_type=jnp.float32)
-    best_window = jnp.argmax(similarity, axis=-1)  # (B, K)
-    return jnp.max(similarity, axis=-1), take_along(dst_token, best_window)
+    dst = _take_tokens(metric, dst_token)  # (B, W, C)
+    tokens = metric if among is None else _take_tokens(metric, among)  # (B, K, C)
+    dots = jnp.einsum("bkc,bwc->bkw", tokens, dst, preferred_element_type=jnp.float32)
+    scaled = dots / _length(dst)[:, None, :]  # (B, K, W): cosine times the token's length
+    best_window = jnp.argmax(scaled, axis=-1)  # (B, K)
+    return jnp.max(scaled, axis=-1) / _length(tokens), take_along(dst_token, best_window)
+
+
+def _length(tokens: jax.Array) -> jax.Array:
+    """[..., C] -> float32 [...]: each token's length, at least UNIT_EPS."""
+    return jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(tokens.astype(jnp.float32)), axis=-1)), UNIT_EPS)
 
 
 def rank_sources(is_dst: jax.Array, rank: jax.Array) -> jax.Array:

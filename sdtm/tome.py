@@ -23,7 +23,6 @@ from sdtm.ops import (
     best_destinations,
     identity_plan,
     merge_top_sources,
-    unit_tokens,
     window_destinations,
 )
 
@@ -58,8 +57,7 @@ def tome_plan(
         dst_pos = jax.random.randint(key, (num_windows,), 0, k, dtype=jnp.int32)
     grid, window = as_pair(grid), as_pair(window)
     is_dst, dst_token = window_destinations(jnp.broadcast_to(dst_pos, (batch, num_windows)), grid, window)
-    unit = unit_tokens(metric).astype(metric.dtype)
-    best_similarity, best_dst = best_destinations(unit, dst_token)  # (B, N)
+    best_similarity, best_dst = best_destinations(metric, dst_token)  # (B, N)
     return merge_top_sources(is_dst, best_dst, best_similarity, merge_count, merge_sum)
 
 
