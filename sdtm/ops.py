@@ -196,6 +196,15 @@ def identity_plan(batch: int, num_tokens: int) -> MergePlan:
     )
 
 
+def invert_order(order: jax.Array) -> jax.Array:
+    """int32 [B, L]: where each element landed in `order` (int [B, L], a permutation per row),
+    by one scatter of unique indices."""
+    batch, length = order.shape
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    rows = jnp.arange(batch)[:, None]
+    return jnp.zeros((batch, length), jnp.int32).at[rows, order].set(positions, unique_indices=True)
+
+
 def plan_from_parents(
     parent: jax.Array, is_src: jax.Array, merge_count: int, group_size: jax.Array | None = None
 ) -> MergePlan:
@@ -212,13 +221,12 @@ def plan_from_parents(
     batch, num_tokens = parent.shape
     num_slots = num_tokens - merge_count
     rows = jnp.arange(batch)[:, None]
-    tokens = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch, num_tokens))
     # Compaction by one stable sort: seeds in token order, then sources in token order. A row
     # that breaks the is_src contract gets a wrong plan, not an error.
     order = jnp.argsort(is_src, axis=1, stable=True).astype(jnp.int32)  # (B, N)
     keep_index, src_index = order[:, :num_slots], order[:, num_slots:]
     # The inverse permutation: where each token landed in `order`; for a seed, its slot.
-    place = jnp.zeros((batch, num_tokens), jnp.int32).at[rows, order].set(tokens, unique_indices=True)
+    place = invert_order(order)
     token_slot = take_along(place, parent.astype(jnp.int32))  # (B, N): the slot of each token's seed
     src_slot = take_along(token_slot, src_index)  # (B, R)
     if group_size is None:  # counted in int32: integer atomics are native on a GPU, float ones may not be
@@ -433,8 +441,7 @@ def plan_for_sources(order: jax.Array, dst_of_merging: jax.Array, merge_sum: str
     batch, num_tokens = order.shape
     merge_count = dst_of_merging.shape[1]
     rows = jnp.arange(batch)[:, None]
-    tokens = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch, num_tokens))
-    place = jnp.zeros((batch, num_tokens), jnp.int32).at[rows, order].set(tokens, unique_indices=True)
+    place = invert_order(order)  # (B, N): where each token landed in `order`
     src_slot = take_along(place, dst_of_merging.astype(jnp.int32)) - merge_count  # (B, R)
     is_src = place < merge_count
     joined = take_along(src_slot, jnp.where(is_src, place, 0))  # (B, N): read at the sources only

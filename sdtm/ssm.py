@@ -22,6 +22,7 @@ from sdtm.ops import (
     check_merge_count,
     checked_windows,
     identity_plan,
+    invert_order,
     token_window_position,
     unit_tokens,
     window_sum,
@@ -90,11 +91,8 @@ def window_plan(score: jax.Array, merged: int, grid: tuple[int, int], window: tu
     batch, num_windows = score.shape
     table = window_tokens(grid, window)  # (W, K) NumPy
     k = table.shape[1]
-    rows = jnp.arange(batch)[:, None]
     order = jnp.argsort(-score, axis=1, stable=True).astype(jnp.int32)  # (B, W) windows, best first
-    rank = jnp.zeros((batch, num_windows), jnp.int32).at[rows, order].set(
-        jnp.arange(num_windows, dtype=jnp.int32), unique_indices=True
-    )  # (B, W): where each window landed in `order`
+    rank = invert_order(order)  # (B, W): where each window landed in `order`
     tokens_of = jnp.asarray(table)[order]  # (B, W, K): each ranked window's tokens
     token_window, token_pos = token_window_position(grid, window)  # (N,) each, NumPy
     token_rank = rank[:, token_window]  # (B, N)
