@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dit_jax.diffusion.schedule import (
@@ -82,9 +82,13 @@ def test_space_timesteps_sections():
     num_timesteps=st.integers(1, 400),
     counts=st.lists(st.integers(1, 40), min_size=1, max_size=4),
 )
+@example(num_timesteps=143, counts=[1, 1, 36, 1])  # a remainder step makes section 2 hold 36
+@example(num_timesteps=143, counts=[1, 1, 1, 36])  # the last section holds 35
 def test_space_timesteps_properties(num_timesteps, counts):
-    size = num_timesteps // len(counts)
-    if size == 0 or any(c > size for c in counts):
+    # Each section holds num_timesteps // len(counts) steps, the first (num_timesteps % len(counts))
+    # one more (the remainder goes to the first sections, as in IDDPM).
+    size, extra = divmod(num_timesteps, len(counts))
+    if any(c > size + (i < extra) for i, c in enumerate(counts)):
         with pytest.raises(ValueError):
             space_timesteps(num_timesteps, counts)
         return
