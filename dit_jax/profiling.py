@@ -102,11 +102,12 @@ def loop_ops(hlo_text: str) -> list[int]:
         if header:
             bodies[header.group(1)] = lines[1:]
     loops = {m.group(1) for lines in bodies.values() for line in lines if (m := _WHILE_BODY.search(line))}
-    counts = []
-    for name in loops:
-        opcodes = (m.group(1) for line in bodies.get(name, []) if (m := _OPCODE.match(line)))
-        counts.append(sum(op not in _NOT_OPS for op in opcodes))
-    return sorted(counts, reverse=True)
+    return sorted((_count_ops(bodies.get(name, [])) for name in loops), reverse=True)
+
+
+def _count_ops(lines: list[str]) -> int:
+    """Ops among a computation's instruction lines: what runs, not parameters, tuples, ..."""
+    return sum(m.group(1) not in _NOT_OPS for line in lines if (m := _OPCODE.match(line)))
 
 
 _TOP_K = re.compile(r'custom_call_target="[^"]*top_?k', re.IGNORECASE)
@@ -117,12 +118,11 @@ def entry_ops(hlo_text: str) -> dict[str, int]:
     computation's ops (as `loop_ops` counts them), "sort": sorts and top-k calls, "scatter": ...},
     the last two counted wherever they sit (XLA's CPU backend wraps a scatter in a fusion)."""
     entry = hlo_text[hlo_text.index("\nENTRY"):].strip().split("\n\n")[0].splitlines()[1:]
-    opcodes = [m.group(1) for line in entry if (m := _OPCODE.match(line))]
     lines = hlo_text.splitlines()
     everywhere = collections.Counter(m.group(1) for line in lines if (m := _OPCODE.match(line)))
     top_k = sum(bool(_TOP_K.search(line)) for line in lines if " custom-call(" in line)
     return {
-        "ops": sum(op not in _NOT_OPS for op in opcodes),
+        "ops": _count_ops(entry),
         "sort": everywhere["sort"] + top_k,
         "scatter": everywhere["scatter"],
     }
