@@ -13,8 +13,9 @@ the build and the merge variants. Every variant computes `sdtm.merge` up to roun
   scatter      sdtm.ops.merge_scatter: the scatter-added (source - seed) / group size, one
                more gather of R rows than sum_scatter; the scatter vmapped over rows (so XLA
                can split it over devices with the batch). On SSM plans: what merge_windows saves
-  matmul       sdtm.ops.merge_matmul: the same offsets summed by a 0/1 [B, M, R] matrix product
-               (merge_sum="matmul" in SDTMConfig / ToMeConfig): no scatter, 2*M*R*C FLOPs
+  matmul       sdtm.ops.merge_matmul: the same offsets summed by a 0/1 [B, D, R] matrix product
+               (merge_sum="matmul" in SDTMConfig / ToMeConfig): no scatter, 2*D*R*C FLOPs, D the
+               W destinations of IDM and ToMe plans, all M slots of SSM's (which merge_windows sums)
   row_indexed  the same with one scatter indexed by [row, slot] pairs (what sdtm.merge did
                before: XLA gathers it across devices when the batch is sharded)
   sum_scatter  seeds + scatter-added sources, times 1/group size (one gather of R rows fewer)

@@ -86,12 +86,12 @@ def idm_plan(
     bonus = 0.0 if priority is None else a_d * priority.astype(jnp.float32)
     if attention is None:  # sources rank by their similarity: every token needs its best match
         best_similarity, best_dst = best_destinations(metric, dst_token)  # (B, N)
-        return merge_top_sources(is_dst, best_dst, best_similarity + bonus, merge_count, merge_sum)
+        return merge_top_sources(is_dst, best_dst, best_similarity + bonus, merge_count, num_windows, merge_sum)
     # Ranked by attention, the sources are chosen before any similarity: only the merge_count
     # merging ones need a destination (a [R, W] similarity per row instead of [N, W]).
     order = rank_sources(is_dst, inattentiveness(attention) + bonus)  # (B, N), the merging first
     _, dst_of_merging = best_destinations(metric, dst_token, among=order[:, :merge_count])
-    return plan_for_sources(order, dst_of_merging, merge_sum)
+    return plan_for_sources(order, dst_of_merging, merge_sum, num_windows)
 
 
 @dataclasses.dataclass(frozen=True)

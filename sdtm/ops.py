@@ -43,6 +43,9 @@ class MergePlan:
     merge_sum: static, how `merge` sums the sources of a plan without `windows` (IDM, ToMe):
       "scatter" (a scatter-add, `merge_scatter`) or "matmul" (a 0/1 matrix times the sources,
       `merge_matmul`: no scatter, so no atomics on a GPU).
+    dst_slots: static D or None: every source joins one of the last D slots (bipartite plans:
+      the W destinations, which `rank_sources` orders last), so `merge_matmul` multiplies by a
+      [B, D, R] matrix instead of [B, M, R]. None: sources may join any slot.
     """
 
     keep_index: jax.Array
@@ -52,6 +55,7 @@ class MergePlan:
     token_slot: jax.Array
     windows: tuple[tuple[int, int], tuple[int, int]] | None = dataclasses.field(default=None, metadata={"static": True})
     merge_sum: str = dataclasses.field(default="scatter", metadata={"static": True})
+    dst_slots: int | None = dataclasses.field(default=None, metadata={"static": True})
 
     @property
     def merge_count(self) -> int:
@@ -129,11 +133,13 @@ def merge_scatter(plan: MergePlan, x: jax.Array) -> jax.Array:
 
 
 def merge_matmul(plan: MergePlan, x: jax.Array) -> jax.Array:
-    """`merge` for any plan with the sources summed by a matmul: the 0/1 matrix [B, M, R] of
-    which slot each source joins, times the scaled offsets [B, R, C]. No scatter (XLA:GPU lowers
-    a float scatter-add to atomics, a compare-and-swap loop in jaxlib 0.10.2-0.11.0), at
-    2 * M * R * C FLOPs per row: 0.6 GFLOP for DiT-XL/2's 1024 tokens merging half, dense work
-    for a matrix unit, dearer than the scatter on a CPU.
+    """`merge` for any plan with the sources summed by a matmul: the 0/1 matrix [B, D, R] of
+    which slot each source joins, times the scaled offsets [B, R, C], added to the last D slots
+    (D = `plan.dst_slots`, the destinations of a bipartite plan; else every slot, D = M). No
+    scatter (XLA:GPU lowers a float scatter-add to atomics, a compare-and-swap loop in jaxlib
+    0.10.2-0.11.0), at 2 * D * R * C FLOPs per row: 0.3 GFLOP for DiT-XL/2's 1024 tokens
+    merging half into 256 destinations, dense work for a matrix unit, dearer than the scatter
+    on a CPU.
 
     float32 inputs multiply at full precision (`Precision.HIGHEST`, not a GPU's TF32), so this
     agrees with `merge_scatter` up to summation order. Narrower inputs (bfloat16) multiply in
@@ -142,13 +148,14 @@ def merge_matmul(plan: MergePlan, x: jax.Array) -> jax.Array:
     """
     kept, offsets = _seeds_and_offsets(plan, x)
     num_slots = kept.shape[1]
-    joins = plan.src_slot[:, None, :] == jnp.arange(num_slots, dtype=jnp.int32)[:, None]  # (B, M, R)
+    first = num_slots - (num_slots if plan.dst_slots is None else plan.dst_slots)  # no source joins a slot before it
+    joins = plan.src_slot[:, None, :] == jnp.arange(first, num_slots, dtype=jnp.int32)[:, None]  # (B, D, R)
     dtype = jnp.float32 if jnp.dtype(x.dtype).itemsize >= 4 else x.dtype
     summed = jnp.einsum(
-        "bmr,brc->bmc", joins.astype(dtype), offsets.astype(dtype), preferred_element_type=jnp.float32,
+        "bdr,brc->bdc", joins.astype(dtype), offsets.astype(dtype), preferred_element_type=jnp.float32,
         precision=jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None,
     )
-    return (kept + summed).astype(x.dtype)
+    return jnp.concatenate([kept[:, :first], kept[:, first:] + summed], axis=1).astype(x.dtype)
 
 
 def merge_windows(plan: MergePlan, x: jax.Array) -> jax.Array:
@@ -433,11 +440,15 @@ def rank_sources(is_dst: jax.Array, rank: jax.Array) -> jax.Array:
     return jnp.argsort(jnp.where(is_dst, jnp.inf, -rank), axis=1, stable=True).astype(jnp.int32)
 
 
-def plan_for_sources(order: jax.Array, dst_of_merging: jax.Array, merge_sum: str = "scatter") -> MergePlan:
+def plan_for_sources(
+    order: jax.Array, dst_of_merging: jax.Array, merge_sum: str = "scatter", num_destinations: int | None = None
+) -> MergePlan:
     """Plan in which the first R tokens of `order` (int [B, N], a permutation of each row's
     tokens, from `rank_sources`) join the tokens `dst_of_merging` int [B, R], none of which is
     among those R; the other N - R tokens keep a slot each, in `order`'s order. One scatter
-    inverts `order` and one counts the groups; `merge_sum` goes to the plan (see MergePlan)."""
+    inverts `order` and one counts the groups; `merge_sum` goes to the plan (see MergePlan).
+    num_destinations: W when every token of `dst_of_merging` is among the last W of `order`
+    (`rank_sources` puts the destinations there): the plan's `dst_slots`."""
     batch, num_tokens = order.shape
     merge_count = dst_of_merging.shape[1]
     rows = jnp.arange(batch)[:, None]
@@ -454,13 +465,16 @@ def plan_for_sources(order: jax.Array, dst_of_merging: jax.Array, merge_sum: str
         slot_scale=1.0 / size.astype(jnp.float32),
         token_slot=jnp.where(is_src, joined, place - merge_count),
         merge_sum=merge_sum,
+        dst_slots=num_destinations,
     )
 
 
 def merge_top_sources(
-    is_dst: jax.Array, best_dst: jax.Array, rank: jax.Array, merge_count: int, merge_sum: str = "scatter"
+    is_dst: jax.Array, best_dst: jax.Array, rank: jax.Array, merge_count: int, num_destinations: int,
+    merge_sum: str = "scatter",
 ) -> MergePlan:
     """Plan that merges the `merge_count` highest-ranked sources (`rank_sources`) into their
-    best destinations, best_dst int [B, N] (read at the sources)."""
+    best destinations, best_dst int [B, N] (read at the sources); is_dst marks
+    `num_destinations` tokens per row."""
     order = rank_sources(is_dst, rank)
-    return plan_for_sources(order, take_along(best_dst, order[:, :merge_count]), merge_sum)
+    return plan_for_sources(order, take_along(best_dst, order[:, :merge_count]), merge_sum, num_destinations)

@@ -58,7 +58,7 @@ def tome_plan(
     grid, window = as_pair(grid), as_pair(window)
     is_dst, dst_token = window_destinations(jnp.broadcast_to(dst_pos, (batch, num_windows)), grid, window)
     best_similarity, best_dst = best_destinations(metric, dst_token)  # (B, N)
-    return merge_top_sources(is_dst, best_dst, best_similarity, merge_count, merge_sum)
+    return merge_top_sources(is_dst, best_dst, best_similarity, merge_count, num_windows, merge_sum)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -55,6 +55,8 @@ def check_partition(plan, batch: int, num_tokens: int, merge_count: int) -> None
         np.testing.assert_array_equal(token_slot[b, src[b]], src_slot[b])
         sizes = np.bincount(token_slot[b], minlength=num_slots)
         np.testing.assert_allclose(scale[b], 1.0 / sizes, rtol=1e-7)
+    if plan.dst_slots is not None:  # the promise merge_matmul relies on
+        assert (src_slot >= num_slots - plan.dst_slots).all()
 
 
 def assert_top_k(chosen, scores: np.ndarray, k: int, tol: float = TIE_TOLERANCE) -> None:

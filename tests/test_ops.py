@@ -180,6 +180,7 @@ def test_merge_sum_matmul_matches_the_scatter(kind):
     by_scatter, _ = make_plan(kind, 11, ((4, 6), (2, 2)), 0.7)
     by_matmul, _ = make_plan(kind + "+matmul", 11, ((4, 6), (2, 2)), 0.7)
     assert (by_scatter.merge_sum, by_matmul.merge_sum) == ("scatter", "matmul")
+    assert by_matmul.dst_slots == 6  # the 4x6 grid's six 2x2 windows: the matmul sums into those slots only
     for a, b in zip(jax.tree.leaves(by_scatter), jax.tree.leaves(by_matmul)):
         np.testing.assert_array_equal(a, b)
     x = random_tokens(11, 24)
