@@ -47,8 +47,13 @@ from dit_jax.weights import BundleConfig, Weights, dit_module, model_class, use_
 from sdtm.config import parse_fields
 
 MODES = ("sample", "forward", "merge")
-# Dense bf16 tensor-core peaks (vendor datasheets, SXM parts), for the share-of-peak column.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# Dense bf16 tensor-core peaks (vendor datasheets: half the "with sparsity" figures), for the
+# share-of-peak column; matched against jax's device_kind in this order, so the PCIe and NVL
+# parts come before the SXM ones whose names they contain.
+PEAK_BF16_FLOPS = {
+    "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12,
+    "H100": 989e12, "H200": 989e12, "A100": 312e12,
+}
 
 
 @dataclasses.dataclass
@@ -442,8 +447,10 @@ def torch_case(weights: Weights, x, t, y, args):
     return Case("torch (diffusers)", run, warm_s, 1.0, 1.0, forward_flops(cfg, n, n) * args.batch, None)
 
 
-def device_peak() -> float | None:
-    kind = jax.devices()[0].device_kind
+def device_peak(kind: str | None = None) -> float | None:
+    """Dense bf16 FLOP/s of the card named `kind` (default: the first device's device_kind), or
+    None when PEAK_BF16_FLOPS does not know it (a CPU, another GPU)."""
+    kind = jax.devices()[0].device_kind if kind is None else kind
     for name, peak in PEAK_BF16_FLOPS.items():
         if name in kind:
             return peak

@@ -6,7 +6,7 @@ import json
 import pytest
 
 import sdtm
-from dit_jax.bench import main, parse_strategy, split_strategies
+from dit_jax.bench import device_peak, main, parse_strategy, split_strategies
 
 TINY = ["--variant", "DiT-S/2", "--input-size", "8", "--depth", "1", "--batch", "2", "--repeats", "2",
         "--compile-rounds", "2"]
@@ -77,3 +77,12 @@ def test_strategies_take_config_fields():
 def test_bad_config_fields_name_the_strategy(text, message):
     with pytest.raises(ValueError, match=message):
         parse_strategy(text)
+
+
+@pytest.mark.parametrize(
+    "kind, peak",
+    [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12),
+     ("NVIDIA H200 NVL", 835e12), ("NVIDIA A100-SXM4-40GB", 312e12), ("cpu", None)],
+)
+def test_device_peak_picks_the_part(kind, peak):
+    assert device_peak(kind) == peak
