@@ -148,7 +148,7 @@ def merge_matmul(plan: MergePlan, x: jax.Array) -> jax.Array:
     """
     kept, offsets = _seeds_and_offsets(plan, x)
     num_slots = kept.shape[1]
-    first = num_slots - (num_slots if plan.dst_slots is None else plan.dst_slots)  # no source joins a slot before it
+    first = 0 if plan.dst_slots is None else num_slots - plan.dst_slots  # no source joins a slot before it
     joins = plan.src_slot[:, None, :] == jnp.arange(first, num_slots, dtype=jnp.int32)[:, None]  # (B, D, R)
     dtype = jnp.float32 if jnp.dtype(x.dtype).itemsize >= 4 else x.dtype
     summed = jnp.einsum(
