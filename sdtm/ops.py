@@ -378,12 +378,15 @@ def check_merge_count(merge_count, limit: int, what: str) -> int:
 UNIT_EPS = 1e-6  # lengths below this count as this (a zero token stays zero)
 
 
-def unit_tokens(metric: jax.Array, eps: float = UNIT_EPS) -> jax.Array:
+def unit_tokens(metric: jax.Array) -> jax.Array:
     """Tokens scaled to unit length in float32, so dot products are cosine similarities.
     A zero token stays zero (similarity 0 to everything)."""
-    x = metric.astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
-    return x / jnp.maximum(norm, eps)
+    return metric.astype(jnp.float32) / _length(metric)[..., None]
+
+
+def _length(tokens: jax.Array) -> jax.Array:
+    """[..., C] -> float32 [...]: each token's length, at least UNIT_EPS."""
+    return jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(tokens.astype(jnp.float32)), axis=-1)), UNIT_EPS)
 
 
 def window_destinations(
@@ -423,11 +426,6 @@ def best_destinations(
     scaled = dots / _length(dst)[:, None, :]  # (B, K, W): cosine times the token's length
     best_window = jnp.argmax(scaled, axis=-1)  # (B, K)
     return jnp.max(scaled, axis=-1) / _length(tokens), take_along(dst_token, best_window)
-
-
-def _length(tokens: jax.Array) -> jax.Array:
-    """[..., C] -> float32 [...]: each token's length, at least UNIT_EPS."""
-    return jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(tokens.astype(jnp.float32)), axis=-1)), UNIT_EPS)
 
 
 def rank_sources(is_dst: jax.Array, rank: jax.Array) -> jax.Array:
