@@ -30,6 +30,16 @@ CLASS_NAMES: tuple[str, ...] = (
     "ankle boot",
 )
 
+# Captions of the text-conditioned toy model (`python -m dit_jax.train --family pixart`): every
+# class name in each template; the first template is the one evaluations prompt with.
+CAPTION_TEMPLATES: tuple[str, ...] = ("a photo of a {}", "a {}", "a picture of a {}", "an image of a {}")
+
+
+def caption(label: int, template: int = 0) -> str:
+    """The caption of class `label` in template `template` ("a photo of a sneaker")."""
+    return CAPTION_TEMPLATES[template].format(CLASS_NAMES[label])
+
+
 DATA_ENV_VAR = "DIT_JAX_DATA"
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 INSTALL_HINT = (

@@ -8,6 +8,9 @@ configuration samples the same prompts (balanced over the 10 classes) from the s
 (one seed per batch, shared by every configuration). Speed: every configuration is compiled first
 (compile time apart), then all of them generate batch after batch in turn (baseline and variants
 interleaved) and the median time of their calls of the same compiled sampler gives the speed-up.
+`--weights` takes another Fashion-MNIST bundle, such as the text-conditioned PixArt that
+`python -m dit_jax.train --family pixart` trains: it is prompted with each class's first caption
+("a photo of a sneaker") and sampled with its family's sampler (DPM-Solver++).
 Quality, against a balanced subset of the Fashion-MNIST test set:
 
 - prompt adherence: the share of samples the shipped classifier (dit_jax.classifier) puts in the
@@ -53,7 +56,8 @@ import numpy as np
 
 import sdtm as sdtm_lib
 from dit_jax import classifier as classifier_lib
-from dit_jax.data import CLASS_NAMES, load_fashion_mnist
+from dit_jax.data import CLASS_NAMES, caption, load_fashion_mnist
+from dit_jax.pipeline import FAMILY_DEFAULTS
 from sdtm.config import parse_fields
 
 DEFAULT_OUT = Path("docs/quality.md")
@@ -61,6 +65,7 @@ DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) /
 SPEEDUP_TOLERANCE = 0.05  # ToMe's speed-up must land within 5% of SDTM's
 KID_FOLDS = 5  # the KID standard error comes from this many disjoint folds of the samples
 PROBE_CALLS = 2  # timed calls per ToMe ratio probe (--probe-calls)
+_SAMPLER_NAMES = {"ddim": "DDIM", "dpm++": "DPM-Solver++", "ddpm": "DDPM"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +439,7 @@ class TimedSampler:
         self._prepare = prepare
         self.weights = weights
         dit_module(weights)  # the one-time module graph build, here so that no configuration's compile pays it
-        self.num_classes = weights.config.dit.num_classes
+        self.num_classes = len(weights.config.class_names)
         self.batch_size = batch_size
         self.num_batches = -(-num_samples // batch_size)
         self.num_samples = num_samples
@@ -450,7 +455,9 @@ class TimedSampler:
 
     def batch_args(self, method, index: int):
         labels = [int(i) for i in self.labels[index * self.batch_size:(index + 1) * self.batch_size]]
-        return self._prepare(self.weights, labels, sdtm=method, steps=self.steps, cfg_scale=self.cfg_scale,
+        # A text model (trained with --family pixart) is prompted with its class's first caption.
+        prompts = [caption(i) for i in labels] if self.weights.config.text_conditioned else labels
+        return self._prepare(self.weights, prompts, sdtm=method, steps=self.steps, cfg_scale=self.cfg_scale,
                              seed=self.seed + index)
 
     def compile(self, name: str, method) -> None:
@@ -684,13 +691,13 @@ def markdown_report(rows: list[Row], context: dict) -> str:
     real = next((r for r in rows if r.speedup is None), None)
     has_eff = any(r.fd_efflite is not None for r in rows)
     lines = [
-        "# Quality against measured speed-up: SDTM and ToMe on the shipped Fashion-MNIST DiT",
+        f"# Quality against measured speed-up: SDTM and ToMe on {context.get('title', 'the shipped Fashion-MNIST DiT')}",
         "",
         f"Made by `{context['command']}` on {context['date']} ({context['machine']}).",
         "",
-        f"Model: the embedded default DiT ({context['model']}); {context['steps']} DDIM steps, guidance "
-        f"{context['cfg_scale']}, {context['num_samples']} samples per configuration (prompts balanced over the "
-        f"10 classes, batch {context['batch_size']}, batch i seeded {context['seed']}+i in every configuration, so all "
+        f"Model: {context['model']}; {context['steps']} {context.get('sampler', 'DDIM')} steps, guidance "
+        f"{context['cfg_scale']}, {context['num_samples']} samples per configuration ({context.get('prompts', 'prompts')} "
+        f"balanced over the 10 classes, batch {context['batch_size']}, batch i seeded {context['seed']}+i in every configuration, so all "
         f"rows start from the same noise). Speed-up: the baseline's median time over each configuration's median, "
         f"{context['repeats']} timed calls each of the same compiled sampler (compile time apart), one per round, "
         "every configuration in every round. Reference: "
@@ -964,13 +971,18 @@ def evaluate(args: argparse.Namespace, command: str, log=print) -> list[Row]:
     out = Path(args.out)
     png = out.with_suffix(".png")
     device = jax.devices()[0]
+    family_name = type(weights.config.dit).family_name
     context = {
         "command": command,
         "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "machine": f"{device.platform}:{device.device_kind}, {os.cpu_count()} CPU cores, jax {jax.__version__}, "
                    f"{platform.machine()}",
-        "model": f"DiT hidden {weights.config.dit.hidden_size}, depth {weights.config.dit.depth}, "
-                 f"{weights.config.dit.num_tokens} tokens" if args.weights is None else str(args.weights),
+        "model": ("the embedded default DiT" if args.weights is None else f"`{args.weights}`")
+                 + f" ({family_name} hidden {weights.config.dit.hidden_size}, depth {weights.config.dit.depth}, "
+                 f"{weights.config.dit.num_tokens} tokens)",
+        "title": "the shipped Fashion-MNIST DiT" if args.weights is None else f"a Fashion-MNIST {family_name}",
+        "sampler": _SAMPLER_NAMES[FAMILY_DEFAULTS[weights.config.family].sampler],
+        "prompts": "captions such as \"a photo of a sneaker\"" if weights.config.text_conditioned else "prompts",
         "steps": args.steps, "cfg_scale": args.cfg, "num_samples": args.num_samples, "batch_size": args.batch_size,
         "seed": args.seed, "repeats": sampler.num_batches,
         "reference_size": len(ref_idx), "classifier_accuracy": judge_info.get("test_accuracy", "unknown"),
@@ -992,7 +1004,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="presets: " + ", ".join(PRESETS))
     ap.add_argument("--num-samples", type=int, default=50, help="samples per configuration (default 50)")
-    ap.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
+    ap.add_argument("--steps", type=int, default=20,
+                    help="sampler steps (default 20): DDIM for a DiT, DPM-Solver++ for a PixArt")
     ap.add_argument("--cfg", type=float, default=4.0, help="guidance scale (default 4.0)")
     ap.add_argument("--batch-size", type=int, default=10, help="images per timed call (default 10)")
     ap.add_argument("--seed", type=int, default=0, help="batch i uses seed SEED+i in every configuration")
@@ -1005,7 +1018,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--efflite-size", type=int, default=224, help="EfficientNet-Lite0 input side (default 224)")
     ap.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="where reference features are cached")
     ap.add_argument("--no-cache", action="store_true", help="do not read or write cached reference features")
-    ap.add_argument("--weights", help="DiT bundle (default: the shipped Fashion-MNIST model)")
+    ap.add_argument("--weights", help="a Fashion-MNIST bundle (default: the shipped DiT; a text model from "
+                                      "`python -m dit_jax.train --family pixart` is prompted with captions)")
     ap.add_argument("--classifier", help="classifier bundle (default: the shipped one)")
     ap.add_argument("--data-root", help="folder of the Fashion-MNIST idx files")
     ap.add_argument("--compile-cache", metavar="DIR", help="JAX's persistent compilation cache directory")

@@ -1,6 +1,15 @@
 """Train a small class-conditional DiT in pixel space on Fashion-MNIST (how the embedded default is made).
 
     python -m dit_jax.train --out out/fashion-dit --time-limit 300 --export-dtype bfloat16
+    python -m dit_jax.train --out out/fashion-pixart --family pixart --patch-size 4 --hidden-size 128 --depth 6
+
+`--family pixart` trains a text-conditioned PixArt on the same images instead, captioned from
+their class ("a photo of a sneaker", four templates: `dit_jax.data.CAPTION_TEMPLATES`). Its text
+encoder is a tiny T5 with random weights that stays frozen (the transformer learns to read its
+features), with a word-level tokenizer over the captions' words; the caption of a dropped label
+is the empty prompt, whose features are what guidance samples against. A toy text-to-image model
+to measure prompt-side SDTM options on (`SDTMConfig(prompt_weight=...)`), which no downloadable
+checkpoint allows here.
 
 DiT's recipe, scaled down: epsilon-prediction MSE on DiT's linear-beta 1000-step chain, uniform
 timesteps, labels dropped to the null class for classifier-free guidance, AdamW with gradient
@@ -41,9 +50,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dit_jax.data import CLASS_NAMES, load_fashion_mnist
-from dit_jax.models.dit import DiT, DiTConfig
-from dit_jax.weights import BundleConfig, Weights, cast, save
+from dit_jax.data import CAPTION_TEMPLATES, CLASS_NAMES, caption, load_fashion_mnist
+from dit_jax.models.dit import DiTConfig
+from dit_jax.models.pixart import PixArtConfig
+from dit_jax.models.t5 import T5Config, T5Encoder
+from dit_jax.weights import BundleConfig, Weights, cast, model_class, save
 
 from dit_jax.diffusion.schedule import linear_betas
 
@@ -52,6 +63,13 @@ IMAGE_SIZE = 32  # Fashion-MNIST padded to 32x32 by dit_jax.data
 DATASET_NAME = "Fashion-MNIST train (60,000)"
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _LOSS_SMOOTHING = 0.99  # EMA factor of the logged loss
+FAMILIES = ("dit", "pixart")
+# --family pixart: the frozen random caption encoder (a tiny T5 v1.1; its vocabulary is the
+# captions' words) and the caption length the model reads.
+CAPTION_ENCODER = {"d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_heads": 4,
+                   "relative_attention_num_buckets": 8, "relative_attention_max_distance": 16}
+MAX_TEXT_LENGTH = 16
+_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2, as T5's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +77,7 @@ class TrainConfig:
     """Every option of a run; the CLI flags have the same names (`--batch-size` for batch_size)."""
 
     out: str
+    family: str = "dit"  # "dit": class-conditional DiT; "pixart": text-conditioned PixArt (captions)
     steps: int = 100_000  # total steps (a resumed run counts the steps already done)
     batch_size: int = 128
     lr: float = 3e-4
@@ -85,6 +104,8 @@ class TrainConfig:
     data_root: str | None = None  # folder of the idx files (default: $DIT_JAX_DATA, then the Debian package's)
 
     def validate(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
         for name in ("steps", "batch_size", "log_every", "ckpt_every", "hidden_size", "depth", "num_heads", "patch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -101,9 +122,24 @@ class TrainConfig:
                 raise ValueError(f"{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1 images, got {self.limit}")
+        self.dit_config().validate()  # sizes the model cannot take (hidden not divisible by heads, ...)
 
-    def dit_config(self) -> DiTConfig:
-        """The model this run trains: 32x32 single-channel pixels, 10 classes (+ the null class)."""
+    def dit_config(self) -> DiTConfig | PixArtConfig:
+        """The model this run trains: 32x32 single-channel pixels; a DiT with 10 classes (+ the
+        null class), or a PixArt reading MAX_TEXT_LENGTH caption tokens."""
+        if self.family == "pixart":
+            return PixArtConfig(
+                input_size=IMAGE_SIZE,
+                patch_size=self.patch_size,
+                in_channels=1,
+                out_channels=2 if self.learn_sigma else 1,
+                hidden_size=self.hidden_size,
+                depth=self.depth,
+                num_heads=self.num_heads,
+                caption_channels=CAPTION_ENCODER["d_model"],
+                interpolation_scale=1.0,
+                max_text_length=MAX_TEXT_LENGTH,
+            )
         return DiTConfig(
             input_size=IMAGE_SIZE,
             patch_size=self.patch_size,
@@ -148,10 +184,34 @@ def _dit_style_init(path: str, shape: tuple[int, ...], rng: np.random.Generator)
     if parts[0] == "y_embedder" or (parts[0] == "t_embedder" and parts[-1] == "kernel"):
         return rng.normal(0.0, 0.02, shape).astype(np.float32)
     if parts[-1] == "kernel":
-        fan_in, fan_out = int(np.prod(shape[:-1])), shape[-1]  # conv kernels: (p, p, C_in, D)
-        bound = math.sqrt(6.0 / (fan_in + fan_out))
-        return rng.uniform(-bound, bound, shape).astype(np.float32)
+        return _xavier_uniform(shape, rng)
     raise ValueError(f"no DiT initialisation rule for parameter {path!r}")
+
+
+def _pixart_style_init(path: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """PixArt's initialize_weights for one float32 parameter, by its path.
+
+    As DiT's (xavier-uniform linears and patch embedding, zero biases, the timestep MLP N(0, 0.02),
+    the final linear zero), plus: t_block and the caption projection N(0, 0.02), every block's
+    cross-attention output projection zero (each block starts without its text branch), and the
+    scale-shift tables N(0, 1) / sqrt(hidden).
+    """
+    parts = path.split("/")
+    if parts[-1] == "scale_shift_table":
+        return (rng.standard_normal(shape) / math.sqrt(shape[-1])).astype(np.float32)
+    if parts[-1] == "bias" or parts[:2] == ["final_layer", "linear"] or parts[-3:-1] == ["cross_attn", "proj"]:
+        return np.zeros(shape, np.float32)
+    if parts[0] in ("t_embedder", "t_block", "y_embedder") and parts[-1] == "kernel":
+        return rng.normal(0.0, 0.02, shape).astype(np.float32)
+    if parts[-1] == "kernel":
+        return _xavier_uniform(shape, rng)
+    raise ValueError(f"no PixArt initialisation rule for parameter {path!r}")
+
+
+def _xavier_uniform(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    fan_in, fan_out = int(np.prod(shape[:-1])), shape[-1]  # conv kernels: (p, p, C_in, D)
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    return rng.uniform(-bound, bound, shape).astype(np.float32)
 
 
 def _map_with_path(fn: Callable[[str, Any], Any], tree: dict, prefix: str = "") -> dict:
@@ -161,13 +221,16 @@ def _map_with_path(fn: Callable[[str, Any], Any], tree: dict, prefix: str = "") 
     }
 
 
-def init_params(config: DiTConfig, seed: int = 0) -> tuple[dict, dict]:
-    """DiT-initialised float32 (params, buffers) as nested dicts with string keys.
+def init_params(config: DiTConfig | PixArtConfig, seed: int = 0) -> tuple[dict, dict]:
+    """float32 (params, buffers) initialised as DiT (or PixArt) does, nested dicts with string keys.
 
-    params are the trained nnx.Param leaves; buffers the rest (the fixed pos_embed).
+    params are the trained nnx.Param leaves; buffers the rest (DiT's fixed pos_embed).
     """
+    cls = model_class(config)
+    rule = _pixart_style_init if isinstance(config, PixArtConfig) else _dit_style_init
+
     def make_split():
-        _, params, buffers = nnx.split(DiT(config, rngs=nnx.Rngs(0), dtype=jnp.float32), nnx.Param, ...)
+        _, params, buffers = nnx.split(cls(config, rngs=nnx.Rngs(0), dtype=jnp.float32), nnx.Param, ...)
         return nnx.to_pure_dict(params), nnx.to_pure_dict(buffers)
 
     # Only shapes are needed from the module's own initialisers: building it eagerly would
@@ -175,18 +238,19 @@ def init_params(config: DiTConfig, seed: int = 0) -> tuple[dict, dict]:
     param_shapes = jax.eval_shape(lambda: make_split()[0])
     buffers = jax.jit(lambda: make_split()[1])()  # constants; the random parameters are dead code
     rng = np.random.default_rng(seed)
-    params = _map_with_path(lambda path, a: jnp.asarray(_dit_style_init(path, a.shape, rng)), _str_keys(param_shapes))
+    params = _map_with_path(lambda path, a: jnp.asarray(rule(path, a.shape, rng)), _str_keys(param_shapes))
     return params, _str_keys(buffers)
 
 
 @functools.lru_cache(maxsize=None)
-def _graphdef(config: DiTConfig, dtype) -> nnx.GraphDef:
-    abstract = nnx.eval_shape(lambda: DiT(config, rngs=nnx.Rngs(0), dtype=dtype))
+def _graphdef(config: DiTConfig | PixArtConfig, dtype) -> nnx.GraphDef:
+    cls = model_class(config)
+    abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype))
     return nnx.split(abstract, nnx.Param, ...)[0]
 
 
-def build_module(config: DiTConfig, params: dict, buffers: dict, dtype=jnp.float32) -> DiT:
-    """The DiT over `params` and `buffers` (string-keyed), computing in `dtype` (leaves are cast)."""
+def build_module(config: DiTConfig | PixArtConfig, params: dict, buffers: dict, dtype=jnp.float32) -> nnx.Module:
+    """The DiT (or PixArt) over `params` and `buffers` (string-keyed), computing in `dtype` (leaves are cast)."""
     def to(a):
         return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
 
@@ -298,16 +362,17 @@ def variational_bound_terms(
 
 
 def diffusion_loss(
-    model: DiT, tables: DiffusionTables, x0: jax.Array, t: jax.Array, y: jax.Array, noise: jax.Array
+    model: nnx.Module, tables: DiffusionTables, x0: jax.Array, t: jax.Array, cond: Any, noise: jax.Array
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """DiT's training loss on one batch: eps MSE (+ the variance VLB when the model learns sigma).
 
-    x0 (B, H, W, C) in [-1, 1], t (B,) int timesteps, y (B,) labels (null class included),
-    noise (B, H, W, C). Returns (scalar loss, {"mse", "vb"}), all float32.
+    x0 (B, H, W, C) in [-1, 1], t (B,) int timesteps, cond: the model's conditioning (a DiT's
+    labels (B,), null class included; a PixArt's {"text", "text_mask"}), noise (B, H, W, C).
+    Returns (scalar loss, {"mse", "vb"}), all float32.
     """
     xt = _at(tables.sqrt_alphas_cumprod, t) * x0 + _at(tables.sqrt_one_minus_alphas_cumprod, t) * noise
     compute_dtype = model.x_embedder.proj.kernel[...].dtype
-    out = model(xt.astype(compute_dtype), t, y).astype(jnp.float32)  # (B, H, W, C or 2C)
+    out = model(xt.astype(compute_dtype), t, cond).astype(jnp.float32)  # (B, H, W, C or 2C)
     channels = x0.shape[-1]
     eps_pred = out[..., :channels]
     mse = _mean_per_image(jnp.square(noise - eps_pred)).mean()
@@ -349,6 +414,71 @@ def ema_decay_at(step: jax.Array, ceiling: float) -> jax.Array:
     return jnp.minimum(ceiling, (1.0 + s) / (10.0 + s))
 
 
+# ---------------------------------------------------------------------------------------------
+# --family pixart: captions, their tokenizer and the frozen caption encoder
+
+
+@dataclasses.dataclass(frozen=True)
+class Captions:
+    """The text side of a text-conditioned run: every caption's features, computed once.
+
+    Row label * len(CAPTION_TEMPLATES) + template of `text` and `mask` is that caption's; the
+    last row (`null_row`) is the empty caption's.
+    """
+
+    tokenizer_dir: Path  # holds tokenizer.json (copied into the bundle)
+    encoder_config: T5Config
+    encoder_params: dict  # the frozen T5's state (float32), as a bundle stores it
+    text: np.ndarray  # (classes * templates + 1, MAX_TEXT_LENGTH, d_model) float32 T5 features
+    mask: np.ndarray  # (classes * templates + 1, MAX_TEXT_LENGTH) int32
+
+    @property
+    def null_row(self) -> int:
+        return self.text.shape[0] - 1
+
+
+def write_caption_tokenizer(folder: Path) -> Path:
+    """A T5-style word-level tokenizer over the captions' words (<pad> 0, </s> 1, <unk> 2; lower-cased;
+    </s> appended), written as folder/tokenizer.json (what `dit_jax.tokenizer.Tokenizer` reads)."""
+    try:
+        from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    except ImportError as e:
+        raise ImportError("--family pixart builds a tokenizer with the `tokenizers` package: "
+                          "pip install 'dit-jax[text]'") from e
+    split = pre_tokenizers.Whitespace()
+    words = sorted({
+        piece for label in range(len(CLASS_NAMES)) for template in range(len(CAPTION_TEMPLATES))
+        for piece, _ in split.pre_tokenize_str(caption(label, template).lower())
+    })
+    vocab = {token: i for i, token in enumerate([*_SPECIAL_TOKENS, *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = split
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def make_captions(folder: Path, seed: int) -> Captions:
+    """Write the caption tokenizer to `folder`, draw the frozen T5 from `seed` (the same seed gives
+    the same encoder, so a resumed run reads the same features) and encode every caption."""
+    from dit_jax.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(write_caption_tokenizer(folder))
+    vocab = json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]
+    encoder_config = T5Config(vocab_size=len(vocab), **CAPTION_ENCODER)
+    encoder = T5Encoder(encoder_config, rngs=nnx.Rngs(seed), dtype=jnp.float32)
+    texts = [caption(label, template) for label in range(len(CLASS_NAMES)) for template in range(len(CAPTION_TEMPLATES))]
+    input_ids, mask = tokenizer([*texts, ""], max_length=MAX_TEXT_LENGTH)
+    features = jax.jit(lambda e, i, m: e(i, m))(encoder, jnp.asarray(input_ids), jnp.asarray(mask))
+    return Captions(
+        tokenizer_dir=folder, encoder_config=encoder_config,
+        encoder_params=jax.device_get(nnx.to_pure_dict(nnx.state(encoder))),
+        text=np.asarray(features, np.float32), mask=mask,
+    )
+
+
 def init_train_state(cfg: TrainConfig) -> tuple[dict, dict]:
     """(state, buffers): state = params, ema, opt_state, step, loss_ema, grad_norm (what is checkpointed)."""
     params, buffers = init_params(cfg.dit_config(), cfg.seed)
@@ -363,10 +493,14 @@ def init_train_state(cfg: TrainConfig) -> tuple[dict, dict]:
     return state, buffers
 
 
-def make_train_step(cfg: TrainConfig, buffers: dict) -> Callable[[dict, jax.Array, jax.Array], dict]:
+def make_train_step(
+    cfg: TrainConfig, buffers: dict, captions: Captions | None = None
+) -> Callable[[dict, jax.Array, jax.Array], dict]:
     """The pure train step `(state, images uint8 (N,H,W,C), labels (N,)) -> state` (not yet jitted).
 
     The batch, timesteps, noise and label dropout all come from fold_in(key(seed), step).
+    captions (--family pixart): each image is conditioned on its class's caption in a random
+    template, or on the empty caption where its label is dropped.
     """
     dit_cfg = cfg.dit_config()
     compute_dtype = _DTYPES[cfg.dtype]
@@ -374,8 +508,8 @@ def make_train_step(cfg: TrainConfig, buffers: dict) -> Callable[[dict, jax.Arra
     tx = optimizer(cfg)
     base_key = jax.random.key(cfg.seed)
 
-    def loss_of(params, x0, t, y, noise):
-        return diffusion_loss(build_module(dit_cfg, params, buffers, compute_dtype), tables, x0, t, y, noise)
+    def loss_of(params, x0, t, cond, noise):
+        return diffusion_loss(build_module(dit_cfg, params, buffers, compute_dtype), tables, x0, t, cond, noise)
 
     def train_step(state: dict, images: jax.Array, labels: jax.Array) -> dict:
         step = state["step"]
@@ -383,12 +517,21 @@ def make_train_step(cfg: TrainConfig, buffers: dict) -> Callable[[dict, jax.Arra
         index = jax.random.randint(key_index, (cfg.batch_size,), 0, images.shape[0])
         x0 = images[index].astype(jnp.float32) / 127.5 - 1.0  # (B, H, W, C) in [-1, 1]
         y = labels[index]
-        if dit_cfg.class_dropout_prob > 0:
-            dropped = jax.random.bernoulli(key_drop, dit_cfg.class_dropout_prob, (cfg.batch_size,))
-            y = jnp.where(dropped, dit_cfg.null_class, y)
+        if captions is None:
+            if dit_cfg.class_dropout_prob > 0:
+                dropped = jax.random.bernoulli(key_drop, dit_cfg.class_dropout_prob, (cfg.batch_size,))
+                y = jnp.where(dropped, dit_cfg.null_class, y)
+            cond = y
+        else:
+            key_drop, key_template = jax.random.split(key_drop)
+            templates = len(CAPTION_TEMPLATES)
+            row = y * templates + jax.random.randint(key_template, (cfg.batch_size,), 0, templates)
+            if cfg.class_dropout > 0:
+                row = jnp.where(jax.random.bernoulli(key_drop, cfg.class_dropout, (cfg.batch_size,)), captions.null_row, row)
+            cond = {"text": jnp.asarray(captions.text)[row], "text_mask": jnp.asarray(captions.mask)[row]}
         t = jax.random.randint(key_t, (cfg.batch_size,), 0, tables.num_timesteps)
         noise = jax.random.normal(key_noise, x0.shape, jnp.float32)
-        (loss, _), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"], x0, t, y, noise)
+        (loss, _), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"], x0, t, cond, noise)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         keep = ema_decay_at(step, cfg.ema_decay)
@@ -482,14 +625,22 @@ def _bundle_info(
     }
 
 
-def export_bundle(cfg: TrainConfig, state: dict, buffers: dict, path: Path, info: dict) -> Path:
-    """Write the EMA weights as a dit-jax bundle (class names = Fashion-MNIST's)."""
+def export_bundle(
+    cfg: TrainConfig, state: dict, buffers: dict, path: Path, info: dict, captions: Captions | None = None
+) -> Path:
+    """Write the EMA weights as a dit-jax bundle (class names = Fashion-MNIST's; a text model's
+    bundle also holds its caption encoder and tokenizer)."""
     dit_cfg = cfg.dit_config()
     module = build_module(dit_cfg, state["ema"], buffers, jnp.float32)
     weights = Weights(
         dit=nnx.to_pure_dict(nnx.state(module)),
         vae=None,
-        config=BundleConfig(dit=dit_cfg, vae=None, class_names=CLASS_NAMES, info_json=json.dumps(info, sort_keys=True)),
+        config=BundleConfig(
+            dit=dit_cfg, vae=None, class_names=CLASS_NAMES, info_json=json.dumps(info, sort_keys=True),
+            text_encoder=None if captions is None else captions.encoder_config,
+            tokenizer_dir=None if captions is None else str(captions.tokenizer_dir),
+        ),
+        text_encoder=None if captions is None else captions.encoder_params,
     )
     if cfg.export_dtype != "float32":
         weights = cast(weights, _DTYPES[cfg.export_dtype])
@@ -522,6 +673,7 @@ def train(
     labels_on_device = jax.device_put(jnp.asarray(labels, jnp.int32))
 
     state, buffers = init_train_state(cfg)
+    captions = make_captions(out / "tokenizer", cfg.seed) if cfg.family == "pixart" else None
     manager = ocp.CheckpointManager(out / "train_state", options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
     latest = manager.latest_step()
     if latest is not None and not cfg.resume:
@@ -544,7 +696,7 @@ def train(
 
     step = int(state["step"])
     log(
-        f"DiT {cfg.hidden_size}x{cfg.depth} (heads {cfg.num_heads}, patch {cfg.patch_size}, "
+        f"{cfg.dit_config().family_name} {cfg.hidden_size}x{cfg.depth} (heads {cfg.num_heads}, patch {cfg.patch_size}, "
         f"learn_sigma {cfg.learn_sigma}): {count_params(state['params']):,} params; "
         f"{images.shape[0]:,} images; batch {cfg.batch_size}; {cfg.dtype} on {jax.devices()[0].device_kind}"
     )
@@ -568,7 +720,7 @@ def train(
             if compiled_step is None:
                 t_compile = time.monotonic()
                 compiled_step = (
-                    jax.jit(make_train_step(cfg, buffers), donate_argnums=0)
+                    jax.jit(make_train_step(cfg, buffers, captions), donate_argnums=0)
                     .lower(state, images_on_device, labels_on_device)
                     .compile()
                 )
@@ -623,7 +775,10 @@ def train(
     info = _bundle_info(cfg, step, loss, wall_s, images.shape[0], dataset_name)
     info["compile_s"] = round(compile_s, 1)
     info["steps_per_s"] = round(steps_per_s, 2)
-    bundle = export_bundle(cfg, host_state, buffers, out / "final", info)
+    if captions is not None:
+        info["captions"] = {"templates": list(CAPTION_TEMPLATES), "dropped": "the empty caption",
+                            "text_encoder": f"random T5 (nnx.Rngs({cfg.seed})), frozen"}
+    bundle = export_bundle(cfg, host_state, buffers, out / "final", info, captions)
     log(
         f"stopped at step {step} ({stopped_by}); loss {loss:.4f}; {steps_per_s:.2f} steps/s "
         f"({steps_per_s * cfg.batch_size:.0f} img/s) after {compile_s:.1f} s compile; "
@@ -640,6 +795,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     d = TrainConfig(out="")
     p = argparse.ArgumentParser(prog="python -m dit_jax.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="run folder: train_state/ checkpoints and the final/ bundle")
+    p.add_argument("--family", choices=FAMILIES, default=d.family,
+                   help="dit: class-conditional DiT (default); pixart: text-conditioned PixArt on class captions")
     p.add_argument("--steps", type=int, default=d.steps, help="total train steps")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)

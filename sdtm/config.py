@@ -208,7 +208,9 @@ class ToMeConfig:
 
 
 def _parse_value(text: str):
-    """"none" -> None, "true"/"false" -> bool, then int, float, else the stripped text."""
+    """"none" -> None, "true"/"false" -> bool, then int, float, "a/b" a tuple of those, else the stripped text."""
+    if "/" in text:
+        return tuple(_parse_value(part) for part in text.split("/"))
     lowered = text.strip().lower()
     if lowered in ("none", "null"):
         return None
@@ -226,8 +228,8 @@ def parse_fields(cls: type, text: str, extra: frozenset[str] = frozenset()) -> d
     """"key=value,..." -> {field: value} for the config class `cls` (SDTMConfig or ToMeConfig),
     as the command lines take settings: "ratio=0.3,protect_every=3,frequency=none".
 
-    Values become None, bools, ints or floats where they read as such, else strings; an int
-    window w means (w, w). Keys may also be the names in `extra`, the caller's own options,
+    Values become None, bools, ints or floats where they read as such, else strings; "a/b" is a
+    pair (prompt_weight=1.0/1.5, window=2/2); an int window w means (w, w). Keys may also be the names in `extra`, the caller's own options,
     whose values stay the text given. Raises ValueError naming the item that is not key=value
     with a known key; the values themselves are checked when the config is made.
     """

@@ -194,6 +194,9 @@ def test_settings_parse_from_command_line_text():
                       "proportional_attention": True}
     assert SDTMConfig(**fields).frequency is None
     assert parse_fields(ToMeConfig, "ratio=0.4,target=1.0", extra=frozenset({"target"})) == {"ratio": 0.4, "target": "1.0"}
+    pair = parse_fields(SDTMConfig, "prompt_weight=1/1.5,window=2/4")
+    assert pair == {"prompt_weight": (1, 1.5), "window": (2, 4)}
+    assert SDTMConfig(**pair).prompt_weight == (1.0, 1.5)
     with pytest.raises(ValueError, match="'rate=0.3' is not key=value with key one of"):
         parse_fields(SDTMConfig, "rate=0.3")
     with pytest.raises(ValueError, match="'ratio' is not key=value"):

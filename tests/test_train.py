@@ -249,3 +249,72 @@ def test_cli_flags():
     assert parse_args(["--out", "o"]).learn_sigma is True
     with pytest.raises(ValueError, match="class_dropout"):
         dataclasses.replace(cfg, class_dropout=1.5).validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# --family pixart: a text-conditioned PixArt on the class captions
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory, tiny_dataset):
+    """30 steps of a tiny PixArt (patch 4: 64 tokens) on captions."""
+    out = tmp_path_factory.mktemp("text_run")
+    return train(tiny_config(out, family="pixart", patch_size=4), dataset=tiny_dataset, log=lambda line: None)
+
+
+def test_pixart_init_starts_without_text_and_output():
+    cfg = tiny_config("unused", family="pixart", patch_size=4).dit_config()
+    params, buffers = init_params(cfg, seed=0)
+    assert buffers == {}  # PixArt's position embedding is a constant, not a buffer
+    for block in params["blocks"].values():
+        assert not np.any(block["cross_attn"]["proj"]["kernel"]) and not np.any(block["cross_attn"]["proj"]["bias"])
+        assert np.any(block["attn"]["proj"]["kernel"])  # xavier, not zero
+        assert abs(float(np.std(block["scale_shift_table"])) * math.sqrt(32) - 1.0) < 0.25  # N(0, 1) / sqrt(hidden)
+    assert not np.any(params["final_layer"]["linear"]["kernel"])
+    assert abs(float(np.std(params["t_block"]["kernel"])) - 0.02) < 0.005
+    assert abs(float(np.std(params["y_embedder"]["fc1"]["kernel"])) - 0.02) < 0.005
+    cond = {"text": jnp.ones((2, 16, 64)), "text_mask": jnp.ones((2, 16), jnp.int32)}
+    out = jax.jit(lambda p: build_module(cfg, p, buffers)(jnp.ones((2, 32, 32, 1)), jnp.array([3, 900]), cond))(params)
+    assert out.shape == (2, 32, 32, 2) and not np.any(np.asarray(out)), "a fresh PixArt outputs exactly 0"
+
+
+def test_text_run_learns_and_samples_from_the_features_it_trained_on(text_run):
+    from dit_jax import sample
+    from dit_jax.prompts import text_condition
+
+    assert text_run.step == 30 and math.isfinite(text_run.loss)
+    weights = load(text_run.bundle_path)
+    assert weights.config.family == "pixart" and weights.config.class_names == data.CLASS_NAMES
+    assert weights.config.info["captions"]["templates"] == list(data.CAPTION_TEMPLATES)
+    # The bundle's tokenizer and frozen encoder give sample() exactly the caption features the
+    # model trained on (the empty caption too: what guidance samples against).
+    from dit_jax.train import make_captions
+
+    captions = make_captions(text_run.bundle_path.parent / "tokenizer-again", seed=0)
+    texts = [data.caption(label, template) for label in (7, 0) for template in (0, 3)]
+    cond, uncond = text_condition(weights, texts, "")
+    rows = [7 * 4 + 0, 7 * 4 + 3, 0 * 4 + 0, 0 * 4 + 3]
+    np.testing.assert_allclose(np.asarray(cond["text"]), captions.text[rows], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(cond["text_mask"]), captions.mask[rows])
+    np.testing.assert_allclose(np.asarray(uncond["text"]), captions.text[-1:], rtol=1e-6, atol=1e-6)
+    assert captions.mask[-1].sum() == 1  # "" is </s> alone
+    # Every caption word is in the vocabulary: no <unk> (id 2) in any caption.
+    tokenizer_ids = json.loads((text_run.bundle_path / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert tokenizer_ids["<unk>"] == 2 and len({tuple(r) for r in captions.text[:-1, :, 0].round(5)}) == 40
+    images = sample(weights, [data.caption(7), "a bag"], sdtm=True, steps=4)
+    assert images.shape == (2, 32, 32, 1) and images.dtype == np.uint8
+    # The quality harness prompts a text model with each class's first caption (rows: image,
+    # unconditional, image, ...).
+    from dit_jax.evaluate import TimedSampler
+
+    _, args = TimedSampler(weights, 2, 2, 2, 4.5, 0, log=lambda line: None).batch_args(False, 0)
+    np.testing.assert_allclose(np.asarray(args[2]["text"][::2]), captions.text[[0, 4]], rtol=1e-5, atol=1e-5)
+
+
+def test_text_cli_and_bad_family():
+    cfg = parse_args(["--out", "o", "--family", "pixart", "--patch-size", "4", "--hidden-size", "64"])
+    assert cfg.family == "pixart" and cfg.dit_config().caption_channels == 64 and cfg.dit_config().out_channels == 2
+    with pytest.raises(ValueError, match="family must be one of"):
+        dataclasses.replace(cfg, family="unet").validate()
+    with pytest.raises(ValueError, match="not divisible by num_heads"):
+        dataclasses.replace(cfg, hidden_size=66).validate()
