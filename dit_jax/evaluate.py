@@ -65,7 +65,6 @@ DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) /
 SPEEDUP_TOLERANCE = 0.05  # ToMe's speed-up must land within 5% of SDTM's
 KID_FOLDS = 5  # the KID standard error comes from this many disjoint folds of the samples
 PROBE_CALLS = 2  # timed calls per ToMe ratio probe (--probe-calls)
-_SAMPLER_NAMES = {"ddim": "DDIM", "dpm++": "DPM-Solver++", "ddpm": "DDPM"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -981,7 +980,7 @@ def evaluate(args: argparse.Namespace, command: str, log=print) -> list[Row]:
                  + f" ({family_name} hidden {weights.config.dit.hidden_size}, depth {weights.config.dit.depth}, "
                  f"{weights.config.dit.num_tokens} tokens)",
         "title": "the shipped Fashion-MNIST DiT" if args.weights is None else f"a Fashion-MNIST {family_name}",
-        "sampler": _SAMPLER_NAMES[FAMILY_DEFAULTS[weights.config.family].sampler],
+        "sampler": FAMILY_DEFAULTS[weights.config.family].sampler.upper(),  # DDIM, DPM++
         "prompts": "captions such as \"a photo of a sneaker\"" if weights.config.text_conditioned else "prompts",
         "steps": args.steps, "cfg_scale": args.cfg, "num_samples": args.num_samples, "batch_size": args.batch_size,
         "seed": args.seed, "repeats": sampler.num_batches,

@@ -437,9 +437,10 @@ class Captions:
         return self.text.shape[0] - 1
 
 
-def write_caption_tokenizer(folder: Path) -> Path:
+def write_caption_tokenizer(folder: Path) -> int:
     """A T5-style word-level tokenizer over the captions' words (<pad> 0, </s> 1, <unk> 2; lower-cased;
-    </s> appended), written as folder/tokenizer.json (what `dit_jax.tokenizer.Tokenizer` reads)."""
+    </s> appended), written as folder/tokenizer.json (what `dit_jax.tokenizer.Tokenizer` reads).
+    Returns its vocabulary size."""
     try:
         from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     except ImportError as e:
@@ -457,7 +458,7 @@ def write_caption_tokenizer(folder: Path) -> Path:
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
-    return folder
+    return len(vocab)
 
 
 def make_captions(folder: Path, seed: int) -> Captions:
@@ -465,9 +466,8 @@ def make_captions(folder: Path, seed: int) -> Captions:
     the same encoder, so a resumed run reads the same features) and encode every caption."""
     from dit_jax.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer.from_dir(write_caption_tokenizer(folder))
-    vocab = json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]
-    encoder_config = T5Config(vocab_size=len(vocab), **CAPTION_ENCODER)
+    encoder_config = T5Config(vocab_size=write_caption_tokenizer(folder), **CAPTION_ENCODER)
+    tokenizer = Tokenizer.from_dir(folder)
     encoder = T5Encoder(encoder_config, rngs=nnx.Rngs(seed), dtype=jnp.float32)
     texts = [caption(label, template) for label in range(len(CLASS_NAMES)) for template in range(len(CAPTION_TEMPLATES))]
     input_ids, mask = tokenizer([*texts, ""], max_length=MAX_TEXT_LENGTH)
