@@ -56,6 +56,8 @@ def _methods(args) -> list[tuple[str, object]]:
             settings["ratio"] = args.ratio
         if args.switch_step is not None:
             settings["switch_step"] = args.switch_step
+        if args.prompt_weight is not None:
+            settings["prompt_weight"] = tuple(args.prompt_weight)
         methods.append(("sdtm", sdtm_lib.SDTMConfig(**settings, **shared)))
     if args.tome is not None:
         methods.append((f"tome {args.tome}", sdtm_lib.ToMeConfig(ratio=args.tome, **shared)))
@@ -81,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--protect-every", type=int, help="SDTM: a full-resolution step every K steps (official release: 3)")
     ap.add_argument("--cache-weight", type=float, default=1.0,
                     help="SDTM: merged tokens' share of their own output against the protected steps' (release: 0.1)")
+    ap.add_argument("--prompt-weight", type=float, nargs=2, metavar=("STRUCTURE", "DETAIL"),
+                    help="SDTM on text models: the prompt's weight in each stage (default 1 1: off)")
     ap.add_argument("--proportional-attention", action="store_true",
                     help="SDTM and ToMe: merged attention keys weigh as many as the tokens they hold (log group size)")
     ap.add_argument("--merge-sum", choices=sdtm_lib.ops.MERGE_SUMS,

@@ -157,10 +157,11 @@ def test_cli_writes_png_with_rows_and_timings(tmp_path, capsys):
 def test_cli_merge_settings_reach_the_configs():
     from dit_jax.sample import _methods, _parser
 
-    args = _parser().parse_args(["bag", "--sdtm", "--tome", "0.4", "--merge-sum", "matmul", "--plan-every", "2"])
+    args = _parser().parse_args(["bag", "--sdtm", "--tome", "0.4", "--merge-sum", "matmul", "--plan-every", "2",
+                                 "--prompt-weight", "1.5", "1"])
     assert _methods(args) == [
         ("baseline", False),
-        ("sdtm", sdtm.SDTMConfig(plan_every=2, merge_sum="matmul")),
+        ("sdtm", sdtm.SDTMConfig(plan_every=2, merge_sum="matmul", prompt_weight=(1.5, 1.0))),
         ("tome 0.4", sdtm.ToMeConfig(ratio=0.4, merge_sum="matmul")),
     ]
 
