@@ -57,7 +57,7 @@ import numpy as np
 import sdtm as sdtm_lib
 from dit_jax import classifier as classifier_lib
 from dit_jax.data import CLASS_NAMES, caption, load_fashion_mnist
-from dit_jax.pipeline import FAMILY_DEFAULTS
+from dit_jax.pipeline import FAMILY_DEFAULTS, _run, prepare
 from sdtm.config import parse_fields
 
 DEFAULT_OUT = Path("docs/quality.md")
@@ -430,12 +430,10 @@ class TimedSampler:
     and seeds; every call is timed and its images kept."""
 
     def __init__(self, weights, num_samples: int, batch_size: int, steps: int, cfg_scale: float, seed: int, log):
-        from dit_jax.pipeline import prepare
         from dit_jax.weights import dit_module
 
         if num_samples < 1 or batch_size < 1:
             raise ValueError(f"num_samples {num_samples} and batch_size {batch_size} must be >= 1")
-        self._prepare = prepare
         self.weights = weights
         dit_module(weights)  # the one-time module graph build, here so that no configuration's compile pays it
         self.num_classes = len(weights.config.class_names)
@@ -456,12 +454,10 @@ class TimedSampler:
         labels = [int(i) for i in self.labels[index * self.batch_size:(index + 1) * self.batch_size]]
         # A text model (trained with --family pixart) is prompted with its class's first caption.
         prompts = [caption(i) for i in labels] if self.weights.config.text_conditioned else labels
-        return self._prepare(self.weights, prompts, sdtm=method, steps=self.steps, cfg_scale=self.cfg_scale,
+        return prepare(self.weights, prompts, sdtm=method, steps=self.steps, cfg_scale=self.cfg_scale,
                              seed=self.seed + index)
 
     def compile(self, name: str, method) -> None:
-        from dit_jax.pipeline import _run
-
         plan, args = self.batch_args(method, 0)
         start = time.perf_counter()
         compiled = _run.lower(*args, plan=plan).compile()

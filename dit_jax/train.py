@@ -507,6 +507,8 @@ def make_train_step(
     tables = DiffusionTables.from_betas(linear_betas(NUM_TRAIN_TIMESTEPS))
     tx = optimizer(cfg)
     base_key = jax.random.key(cfg.seed)
+    if captions is not None:  # constants of the compiled step
+        text_table, mask_table = jnp.asarray(captions.text), jnp.asarray(captions.mask)
 
     def loss_of(params, x0, t, cond, noise):
         return diffusion_loss(build_module(dit_cfg, params, buffers, compute_dtype), tables, x0, t, cond, noise)
@@ -528,7 +530,7 @@ def make_train_step(
             row = y * templates + jax.random.randint(key_template, (cfg.batch_size,), 0, templates)
             if cfg.class_dropout > 0:
                 row = jnp.where(jax.random.bernoulli(key_drop, cfg.class_dropout, (cfg.batch_size,)), captions.null_row, row)
-            cond = {"text": jnp.asarray(captions.text)[row], "text_mask": jnp.asarray(captions.mask)[row]}
+            cond = {"text": text_table[row], "text_mask": mask_table[row]}
         t = jax.random.randint(key_t, (cfg.batch_size,), 0, tables.num_timesteps)
         noise = jax.random.normal(key_noise, x0.shape, jnp.float32)
         (loss, _), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"], x0, t, cond, noise)
