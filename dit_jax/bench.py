@@ -209,8 +209,10 @@ def random_condition(cfg, batch: int, seed: int = 0):
     return cond
 
 
-def phase_tokens(phase, num_tokens: int) -> tuple[int, int]:
-    """(attention tokens, MLP tokens) a block processes in a phase."""
+def phase_tokens(phase, num_tokens: int, whole_cache: bool = False) -> tuple[int, int]:
+    """(attention tokens, MLP tokens) a block processes in a phase. whole_cache: merged tokens
+    take their outputs from the protected steps' cache (cache_weight 0), so an SSM block's MLP
+    runs on the tokens left alone only (`dit_jax.models.dit.mlp_branch`)."""
     merger, r = phase.merger, phase.merge_count
     if merger is None or r == 0:
         return num_tokens, num_tokens
@@ -218,7 +220,21 @@ def phase_tokens(phase, num_tokens: int) -> tuple[int, int]:
         return (num_tokens - r if merger.merge_attn else num_tokens), (num_tokens - r if merger.merge_mlp else num_tokens)
     if isinstance(merger, sdtm_lib.IDMMerger):
         return num_tokens, num_tokens - r
-    return num_tokens - r, num_tokens - r  # SSM: attention and MLP
+    windows = r // (merger.window[0] * merger.window[1] - 1)  # SSM: attention and MLP
+    return num_tokens - r, num_tokens - r - (windows if whole_cache else 0)
+
+
+def step_tokens(plan, num_tokens: int) -> list[tuple[int, int]]:
+    """(attention tokens, MLP tokens) a block processes at every step of a sampling plan
+    (`dit_jax.pipeline.prepare`): all of them on SDTM's protected steps, `phase_tokens` else."""
+    whole_cache = bool(plan.protect_every) and plan.cache_weight == 0.0
+    tokens = []
+    for phase in plan.phases:
+        merged = phase_tokens(phase, num_tokens, whole_cache)
+        for step in range(phase.start, phase.stop):
+            protected = plan.protect_every and step % plan.protect_every == 0
+            tokens.append((num_tokens, num_tokens) if protected else merged)
+    return tokens
 
 
 def random_weights(cfg, dtype, seed: int = 0) -> Weights:
@@ -340,15 +356,11 @@ def build_sample_cases(weights: Weights, strategies: list[str], args) -> list[Ca
         )
         plan = dataclasses.replace(plan, scan_blocks=not unrolled(text))
         model_batch = args.batch * (2 if plan.guided else 1)
-        attn_share = mlp_share = flops = 0.0
-        for phase in plan.phases:
-            a, m = phase_tokens(phase, cfg.num_tokens)
-            attn_share += a * phase.num_steps
-            mlp_share += m * phase.num_steps
-            flops += forward_flops(cfg, a, m) * phase.num_steps * model_batch
-        total = cfg.num_tokens * plan.sampler.num_steps
+        tokens = step_tokens(plan, cfg.num_tokens)
+        flops = sum(forward_flops(cfg, a, m) for a, m in tokens) * model_batch
+        total = cfg.num_tokens * len(tokens)
         pending.append(Pending(text, lambda a=call_args, p=plan: _run.lower(*a, plan=p), lambda c, a=call_args: c(*a),
-                               attn_share / total, mlp_share / total, flops))
+                               sum(a for a, _ in tokens) / total, sum(m for _, m in tokens) / total, flops))
     return compile_cases(pending, args.compile_rounds)
 
 

@@ -382,18 +382,11 @@ class TimedSampler:
 
     def token_shares(self, name: str) -> tuple[float, float]:
         """(attention, MLP) tokens processed, as a share of the baseline's, over all steps."""
-        from dit_jax.bench import phase_tokens
+        from dit_jax.bench import step_tokens
 
-        plan = self.compiled[name][2]
         n = self.weights.config.dit.num_tokens
-        protect_every = getattr(plan, "protect_every", None)
-        attn = mlp = 0
-        for phase in plan.phases:
-            a, m = phase_tokens(phase, n)
-            for step in range(phase.start, phase.stop):
-                protected = protect_every and step % protect_every == 0  # a full-resolution step
-                attn, mlp = attn + (n if protected else a), mlp + (n if protected else m)
-        return attn / (n * self.steps), mlp / (n * self.steps)
+        tokens = step_tokens(self.compiled[name][2], n)
+        return sum(a for a, _ in tokens) / (n * len(tokens)), sum(m for _, m in tokens) / (n * len(tokens))
 
 
 def search_tome(

@@ -62,6 +62,8 @@ class SDTMConfig:
         MLP outputs; on the other steps a merged token's output becomes cache_weight * its own +
         (1 - cache_weight) * that cache (the release's sample.py: 3 and 0.1). The cache holds
         depth * 2 * batch * N * hidden numbers (2.1 GB in bf16 for DiT-XL/2 at 512 px, batch 16).
+        With cache_weight 0 merged tokens take the cache whole, so SSM blocks run their MLP on
+        the tokens left alone only (the merged windows' outputs would be discarded).
     proportional_attention: ToMe's proportional attention, off by default: in the structure
         stage a merged attention key's logit gains log(its group size), so a window merged into
         one key draws the attention its tokens drew together (exactly so when they were equal).

@@ -65,6 +65,12 @@ class MergePlan:
     def num_tokens(self) -> int:
         return self.token_slot.shape[1]
 
+    @property
+    def merged_windows(self) -> int:
+        """Window plans only: how many merged windows lead the slots (the rest hold one token)."""
+        (_, (win_h, win_w)) = self.windows
+        return self.merge_count // (win_h * win_w - 1)
+
 
 MERGE_SUMS = ("scatter", "matmul")
 
@@ -164,7 +170,7 @@ def merge_windows(plan: MergePlan, x: jax.Array) -> jax.Array:
     the other slots' seed tokens gathered after them. No scatter: no atomic adds on a GPU."""
     (height, width), (win_h, win_w) = plan.windows
     batch, _, channels = x.shape
-    merged = plan.merge_count // (win_h * win_w - 1)  # the first `merged` slots are windows
+    merged = plan.merged_windows  # the first `merged` slots are windows
     blocks = x.astype(jnp.float32).reshape(batch, height // win_h, win_h, width // win_w, win_w, channels)
     seed = blocks[:, :, :1, :, :1]  # each window's top-left token, the seed of its slot
     mean = seed + jnp.sum(blocks - seed, axis=(2, 4), keepdims=True) * (1.0 / (win_h * win_w))
@@ -182,6 +188,27 @@ def unmerge(plan: MergePlan | None, y: jax.Array) -> jax.Array:
     if plan is None:
         return y
     return _take_tokens(y, plan.token_slot)
+
+
+def apply_to_lone_tokens(plan: MergePlan, fn, x: jax.Array, merged_value: jax.Array) -> jax.Array:
+    """A token-wise `fn` on the tokens a window plan leaves alone; merged tokens read `merged_value`.
+
+    x [B, N, C]; fn maps [B, A, C] -> [B, A, C'] token by token; merged_value [B, N, C'].
+    Returns [B, N, C']: fn(x[n]) where token n is alone in its slot, merged_value[n] where it is
+    in a merged window. Equal to `jnp.where(merged_mask, merged_value, unmerge(plan, fn(merge(plan,
+    x))))` without computing fn on the merged windows, whose outputs that would throw away: what a
+    block's MLP needs when merged tokens take their whole output from a protected step's cache
+    (`SDTMConfig(cache_weight=0)`). Window plans (SSM) only: they know statically how many slots
+    hold one token (A = N - merge_count - merged_windows); other plans raise a ValueError.
+    """
+    if plan.windows is None:
+        raise ValueError("apply_to_lone_tokens needs a window plan (SSM): other plans' merged slots vary per row")
+    first = plan.merged_windows
+    out = fn(_take_tokens(x, plan.keep_index[:, first:]))  # (B, A, C')
+    slot = plan.token_slot - first  # (B, N): negative inside a merged window
+    with jax.named_scope("unmerge"):
+        alone = _take_tokens(out, jnp.maximum(slot, 0))
+        return jnp.where((slot < 0)[..., None], merged_value.astype(out.dtype), alone)
 
 
 def log_group_size(plan: MergePlan) -> jax.Array:

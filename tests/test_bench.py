@@ -86,3 +86,20 @@ def test_bad_config_fields_name_the_strategy(text, message):
 )
 def test_device_peak_picks_the_part(kind, peak):
     assert device_peak(kind) == peak
+
+
+def test_step_tokens_count_protected_steps_and_lone_mlp_tokens():
+    import dataclasses
+
+    from dit_jax import load
+    from dit_jax.bench import step_tokens
+    from dit_jax.pipeline import prepare
+
+    weights = load()
+    method = sdtm.SDTMConfig(switch_step=1.0, deviation=0.0, protect_every=3, cache_weight=0.0)
+    plan, _ = prepare(weights, "bag", sdtm=method, steps=6, output="latents")
+    # SSM at ratio 0.5 of 256 tokens: 126 merged (42 windows of 4), 130 slots, 88 of them alone;
+    # steps 0 and 3 protected (full resolution); with cache_weight 0 the MLP skips the windows
+    assert step_tokens(plan, 256) == [(256, 256), (130, 88), (130, 88)] * 2
+    blended = dataclasses.replace(plan, cache_weight=0.1)  # a partial blend needs every slot
+    assert step_tokens(blended, 256) == [(256, 256), (130, 130), (130, 130)] * 2

@@ -234,3 +234,30 @@ def test_window_tokens_layout():
 def test_check_grid_errors(tokens, grid, window, message):
     with pytest.raises(ValueError, match=message):
         check_grid(tokens, grid, window)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_apply_to_lone_tokens_skips_the_merged_windows(layout):
+    """fn runs on the tokens alone in their slot only; merged tokens read the fill: the same as
+    merging, applying fn, unmerging and overwriting the merged tokens."""
+    from sdtm.ops import apply_to_lone_tokens, merged_mask
+
+    plan, count = make_plan("ssm", 3, layout, 0.5)
+    (height, width), window = layout
+    num_tokens, k = height * width, window[0] * window[1]
+    x, fill = random_tokens(3, num_tokens), random_tokens(4, num_tokens)[..., :3]
+    weight = jnp.asarray(np.random.default_rng(5).normal(size=(CHANNELS, 3)), jnp.float32)
+    rows = []
+
+    def fn(tokens):
+        rows.append(tokens.shape)
+        return jnp.tanh(tokens @ weight)
+
+    got = apply_to_lone_tokens(plan, fn, x, fill)
+    assert rows == [(BATCH, num_tokens - count - count // (k - 1), CHANNELS)]
+    mask = merged_mask(plan, BATCH, num_tokens)[..., None]
+    expected = jnp.where(mask, fill, unmerge(plan, jnp.tanh(merge(plan, x) @ weight)))
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(jnp.where(mask, got, 0), jnp.where(mask, fill, 0))
+    with pytest.raises(ValueError, match="needs a window plan"):
+        apply_to_lone_tokens(make_plan("tome", 3, layout, 0.5)[0], fn, x, fill)

@@ -21,7 +21,7 @@ from dit_jax.models.config import PatchGridConfig
 from dit_jax.nn.attention import Attention, merged_self_attention
 from dit_jax.nn.layers import Mlp, layer_norm, modulate, sincos_pos_embed_2d, timestep_embedding
 from sdtm.merger import BlockMerger, MergeState
-from sdtm.ops import blend_merged, merge, unmerge
+from sdtm.ops import apply_to_lone_tokens, blend_merged, merge, unmerge
 
 
 class Buffer(nnx.Variable):
@@ -169,10 +169,9 @@ class DiTBlock(nnx.Module):
         attn_branch = gated_branch(gate_msa, attn_out, attn_plan, cache, 0, cache_weight)
         x = x + attn_branch
         h = modulate(layer_norm(x), shift_mlp, scale_mlp)
-        mlp_out = unmerge(mlp_plan, self.mlp(merge(mlp_plan, h)))
-        mlp_branch = gated_branch(gate_mlp, mlp_out, mlp_plan, cache, 1, cache_weight)
-        x = x + mlp_branch
-        return x, state, (attn_plan, mlp_plan), jnp.stack([attn_branch, mlp_branch])
+        mlp_out = mlp_branch(self.mlp, h, gate_mlp, mlp_plan, cache, cache_weight)
+        x = x + mlp_out
+        return x, state, (attn_plan, mlp_plan), jnp.stack([attn_branch, mlp_out])
 
 
 def gated_branch(gate, out, plan, cache, index: int, cache_weight: float) -> jax.Array:
@@ -180,6 +179,19 @@ def gated_branch(gate, out, plan, cache, index: int, cache_weight: float) -> jax
     tokens blended with cache[index] (the official release's `mcw`, see `sdtm.ops.blend_merged`)."""
     branch = gate[:, None] * out
     return branch if cache is None else blend_merged(plan, branch, cache[index], cache_weight)
+
+
+def mlp_branch(mlp, h, gate, plan, cache, cache_weight: float) -> jax.Array:
+    """A block's gated MLP branch under a merge plan: gate (B, D) * unmerge(mlp(merge(h (B, N, D)))),
+    merged tokens blended with the protected-step cache as `gated_branch` does.
+
+    When merged tokens take the cache whole (cache_weight 0) and the plan merges whole windows
+    (SSM), the MLP runs on the tokens left alone only (`sdtm.ops.apply_to_lone_tokens`): the same
+    result without the merged windows' rows, whose outputs the blend would discard.
+    """
+    if cache is not None and cache_weight == 0.0 and plan is not None and plan.windows is not None and plan.merge_count:
+        return apply_to_lone_tokens(plan, lambda tokens: gate[:, None] * mlp(tokens), h, cache[1])
+    return gated_branch(gate, unmerge(plan, mlp(merge(plan, h))), plan, cache, 1, cache_weight)
 
 
 class FinalLayer(nnx.Module):

@@ -34,7 +34,7 @@ from flax import nnx
 
 from dit_jax.models.config import PatchGridConfig
 
-from dit_jax.models.dit import DiT, PatchEmbed, TimestepEmbedder, _linear, gated_branch
+from dit_jax.models.dit import DiT, PatchEmbed, TimestepEmbedder, _linear, gated_branch, mlp_branch
 from dit_jax.nn.attention import MultiHeadAttention, merged_self_attention
 from dit_jax.nn.layers import Mlp, layer_norm, modulate
 from sdtm.merger import BlockMerger, MergeState
@@ -263,10 +263,9 @@ class PixArtBlock(nnx.Module):
         cross = unmerge(attn_plan, self.cross_attn(merge(attn_plan, x), c.text, c.text_bias))
         x = x + (cross if c.prompt_weight == 1.0 else c.prompt_weight * cross)
         h = modulate(layer_norm(x, self.norm_eps), shift_mlp, scale_mlp)
-        mlp_out = unmerge(mlp_plan, self.mlp(merge(mlp_plan, h)))
-        mlp_branch = gated_branch(gate_mlp, mlp_out, mlp_plan, cache, 1, cache_weight)
-        x = x + mlp_branch
-        return x, state, (attn_plan, mlp_plan), jnp.stack([attn_branch, mlp_branch])
+        mlp_out = mlp_branch(self.mlp, h, gate_mlp, mlp_plan, cache, cache_weight)
+        x = x + mlp_out
+        return x, state, (attn_plan, mlp_plan), jnp.stack([attn_branch, mlp_out])
 
 
 class FinalLayer(nnx.Module):
