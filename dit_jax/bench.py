@@ -237,6 +237,12 @@ def step_tokens(plan, num_tokens: int) -> list[tuple[int, int]]:
     return tokens
 
 
+def token_shares(tokens: list[tuple[int, int]], num_tokens: int) -> tuple[float, float]:
+    """(attention, MLP) tokens processed over the steps of `step_tokens`, as a share of the baseline's."""
+    total = num_tokens * len(tokens)
+    return sum(a for a, _ in tokens) / total, sum(m for _, m in tokens) / total
+
+
 def random_weights(cfg, dtype, seed: int = 0) -> Weights:
     """Random parameters (DiT or PixArt) made on the device in one compiled call (eager init is
     slow for XL)."""
@@ -358,9 +364,8 @@ def build_sample_cases(weights: Weights, strategies: list[str], args) -> list[Ca
         model_batch = args.batch * (2 if plan.guided else 1)
         tokens = step_tokens(plan, cfg.num_tokens)
         flops = sum(forward_flops(cfg, a, m) for a, m in tokens) * model_batch
-        total = cfg.num_tokens * len(tokens)
         pending.append(Pending(text, lambda a=call_args, p=plan: _run.lower(*a, plan=p), lambda c, a=call_args: c(*a),
-                               sum(a for a, _ in tokens) / total, sum(m for _, m in tokens) / total, flops))
+                               *token_shares(tokens, cfg.num_tokens), flops))
     return compile_cases(pending, args.compile_rounds)
 
 

@@ -382,11 +382,10 @@ class TimedSampler:
 
     def token_shares(self, name: str) -> tuple[float, float]:
         """(attention, MLP) tokens processed, as a share of the baseline's, over all steps."""
-        from dit_jax.bench import step_tokens
+        from dit_jax.bench import step_tokens, token_shares
 
         n = self.weights.config.dit.num_tokens
-        tokens = step_tokens(self.compiled[name][2], n)
-        return sum(a for a, _ in tokens) / (n * len(tokens)), sum(m for _, m in tokens) / (n * len(tokens))
+        return token_shares(step_tokens(self.compiled[name][2], n), n)
 
 
 def search_tome(

@@ -92,7 +92,7 @@ def test_step_tokens_count_protected_steps_and_lone_mlp_tokens():
     import dataclasses
 
     from dit_jax import load
-    from dit_jax.bench import step_tokens
+    from dit_jax.bench import step_tokens, token_shares
     from dit_jax.pipeline import prepare
 
     weights = load()
@@ -101,5 +101,6 @@ def test_step_tokens_count_protected_steps_and_lone_mlp_tokens():
     # SSM at ratio 0.5 of 256 tokens: 126 merged (42 windows of 4), 130 slots, 88 of them alone;
     # steps 0 and 3 protected (full resolution); with cache_weight 0 the MLP skips the windows
     assert step_tokens(plan, 256) == [(256, 256), (130, 88), (130, 88)] * 2
+    assert token_shares(step_tokens(plan, 256), 256) == ((2 * 256 + 4 * 130) / 1536, (2 * 256 + 4 * 88) / 1536)
     blended = dataclasses.replace(plan, cache_weight=0.1)  # a partial blend needs every slot
     assert step_tokens(blended, 256) == [(256, 256), (130, 130), (130, 130)] * 2
