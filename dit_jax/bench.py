@@ -31,6 +31,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +64,7 @@ class Case:
     name: str
     run: Callable[[], object]
     compile_s: float  # median of compile_times_s (PyTorch: its warm-up call)
-    attn_share: float  # share of the attention token passes left
+    attn_share: float  # share of the attention queries left
     mlp_share: float
     flops: float  # counted from the config, per call
     xla_flops: float | None  # XLA's cost analysis, where it has one
@@ -163,24 +164,37 @@ def _text_length(cfg) -> int:
     return 0 if isinstance(cfg, DiTConfig) else cfg.max_text_length
 
 
-def block_flops(cfg, attn_tokens: int, mlp_tokens: int) -> float:
-    """Matmul + attention FLOPs of one block for one sample (with PixArt's cross-attention, whose
-    queries follow the self-attention's merged tokens)."""
+class BlockTokens(NamedTuple):
+    """Tokens one block processes: its self-attention's queries and slots (the keys and values;
+    PixArt's cross-attention queries too), and the MLP's."""
+
+    queries: int
+    slots: int
+    mlp: int
+
+    @classmethod
+    def full(cls, num_tokens: int) -> BlockTokens:
+        return cls(num_tokens, num_tokens, num_tokens)
+
+
+def block_flops(cfg, tokens: BlockTokens) -> float:
+    """Matmul + attention FLOPs of one block for one sample (with PixArt's cross-attention)."""
     d = cfg.hidden_size
     hidden = int(d * cfg.mlp_ratio)
-    attn = 2 * attn_tokens * d * 3 * d + 4 * attn_tokens * attn_tokens * d + 2 * attn_tokens * d * d
+    q, n = tokens.queries, tokens.slots
+    attn = 2 * q * d * d + 2 * n * d * 2 * d + 4 * q * n * d + 2 * q * d * d  # q, kv, attention, out
     text = _text_length(cfg)
     if text:
-        attn += 2 * attn_tokens * d * d + 2 * text * d * 2 * d + 4 * attn_tokens * text * d + 2 * attn_tokens * d * d
-    return attn + 4 * mlp_tokens * d * hidden
+        attn += 2 * n * d * d + 2 * text * d * 2 * d + 4 * n * text * d + 2 * n * d * d
+    return attn + 4 * tokens.mlp * d * hidden
 
 
-def forward_flops(cfg, attn_tokens: int, mlp_tokens: int) -> float:
+def forward_flops(cfg, tokens: BlockTokens) -> float:
     n, d, p = cfg.num_tokens, cfg.hidden_size, cfg.patch_size
     ends = 2 * n * d * p * p * (cfg.in_channels + cfg.out_channels)
     if _text_length(cfg):  # the caption projection
         ends += 2 * cfg.max_text_length * (cfg.caption_channels * d + d * d)
-    return cfg.depth * block_flops(cfg, attn_tokens, mlp_tokens) + ends
+    return cfg.depth * block_flops(cfg, tokens) + ends
 
 
 def model_variant(name: str, **changes):
@@ -209,38 +223,40 @@ def random_condition(cfg, batch: int, seed: int = 0):
     return cond
 
 
-def phase_tokens(phase, num_tokens: int, whole_cache: bool = False) -> tuple[int, int]:
-    """(attention tokens, MLP tokens) a block processes in a phase. whole_cache: merged tokens
-    take their outputs from the protected steps' cache (cache_weight 0), so an SSM block's MLP
-    runs on the tokens left alone only (`dit_jax.models.dit.mlp_branch`)."""
+def phase_tokens(phase, num_tokens: int, whole_cache: bool = False) -> BlockTokens:
+    """The tokens a block processes in a phase. whole_cache: merged tokens take their outputs
+    from the protected steps' cache (cache_weight 0), so an SSM block's MLP and attention
+    queries are the lone slots only (`dit_jax.nn.branches`)."""
     merger, r = phase.merger, phase.merge_count
     if merger is None or r == 0:
-        return num_tokens, num_tokens
+        return BlockTokens.full(num_tokens)
     if isinstance(merger, sdtm_lib.ToMeMerger):
-        return (num_tokens - r if merger.merge_attn else num_tokens), (num_tokens - r if merger.merge_mlp else num_tokens)
+        attn = num_tokens - r if merger.merge_attn else num_tokens
+        return BlockTokens(attn, attn, num_tokens - r if merger.merge_mlp else num_tokens)
     if isinstance(merger, sdtm_lib.IDMMerger):
-        return num_tokens, num_tokens - r
-    windows = r // (merger.window[0] * merger.window[1] - 1)  # SSM: attention and MLP
-    return num_tokens - r, num_tokens - r - (windows if whole_cache else 0)
+        return BlockTokens(num_tokens, num_tokens, num_tokens - r)
+    slots = num_tokens - r  # SSM: attention and MLP
+    lone = slots - r // (merger.window[0] * merger.window[1] - 1)
+    return BlockTokens(lone, slots, lone) if whole_cache else BlockTokens(slots, slots, slots)
 
 
-def step_tokens(plan, num_tokens: int) -> list[tuple[int, int]]:
-    """(attention tokens, MLP tokens) a block processes at every step of a sampling plan
-    (`dit_jax.pipeline.prepare`): all of them on SDTM's protected steps, `phase_tokens` else."""
+def step_tokens(plan, num_tokens: int) -> list[BlockTokens]:
+    """The tokens a block processes at every step of a sampling plan (`dit_jax.pipeline.prepare`):
+    all of them on SDTM's protected steps, `phase_tokens` else."""
     whole_cache = bool(plan.protect_every) and plan.cache_weight == 0.0
     tokens = []
     for phase in plan.phases:
         merged = phase_tokens(phase, num_tokens, whole_cache)
         for step in range(phase.start, phase.stop):
             protected = plan.protect_every and step % plan.protect_every == 0
-            tokens.append((num_tokens, num_tokens) if protected else merged)
+            tokens.append(BlockTokens.full(num_tokens) if protected else merged)
     return tokens
 
 
-def token_shares(tokens: list[tuple[int, int]], num_tokens: int) -> tuple[float, float]:
-    """(attention, MLP) tokens processed over the steps of `step_tokens`, as a share of the baseline's."""
+def token_shares(tokens: list[BlockTokens], num_tokens: int) -> tuple[float, float]:
+    """(attention queries, MLP tokens) over the steps of `step_tokens`, as a share of the baseline's."""
     total = num_tokens * len(tokens)
-    return sum(a for a, _ in tokens) / total, sum(m for _, m in tokens) / total
+    return sum(t.queries for t in tokens) / total, sum(t.mlp for t in tokens) / total
 
 
 def random_weights(cfg, dtype, seed: int = 0) -> Weights:
@@ -363,7 +379,7 @@ def build_sample_cases(weights: Weights, strategies: list[str], args) -> list[Ca
         plan = dataclasses.replace(plan, scan_blocks=not unrolled(text))
         model_batch = args.batch * (2 if plan.guided else 1)
         tokens = step_tokens(plan, cfg.num_tokens)
-        flops = sum(forward_flops(cfg, a, m) for a, m in tokens) * model_batch
+        flops = sum(forward_flops(cfg, t) for t in tokens) * model_batch
         pending.append(Pending(text, lambda a=call_args, p=plan: _run.lower(*a, plan=p), lambda c, a=call_args: c(*a),
                                *token_shares(tokens, cfg.num_tokens), flops))
     return compile_cases(pending, args.compile_rounds)
@@ -388,9 +404,10 @@ def build_forward_cases(weights: Weights, strategies: list[str], args):
             phase = sdtm_lib.schedule(method, 1, n, grid=cfg.grid)[0]
         fn = jax.jit(functools.partial(
             _forward, graphdef=None if unrolled(text) else graphdef, merger=None if phase is None else phase.merger))
-        a, m = (n, n) if phase is None else phase_tokens(phase, n)
+        tokens = BlockTokens.full(n) if phase is None else phase_tokens(phase, n)
         pending.append(Pending(text, lambda fn=fn: fn.lower(weights, stacked, x, t, y),
-                               lambda c: c(weights, stacked, x, t, y), a / n, m / n, forward_flops(cfg, a, m) * args.batch))
+                               lambda c: c(weights, stacked, x, t, y), tokens.queries / n, tokens.mlp / n,
+                               forward_flops(cfg, tokens) * args.batch))
     cases = compile_cases(pending, args.compile_rounds)
     if args.torch:
         cases.append(torch_case(weights, x, t, y, args))
@@ -461,7 +478,7 @@ def torch_case(weights: Weights, x, t, y, args):
     run()  # warm-up: cuDNN/cuBLAS handles, kernel selection
     warm_s = time.perf_counter() - start
     n = cfg.num_tokens
-    return Case("torch (diffusers)", run, warm_s, 1.0, 1.0, forward_flops(cfg, n, n) * args.batch, None)
+    return Case("torch (diffusers)", run, warm_s, 1.0, 1.0, forward_flops(cfg, BlockTokens.full(n)) * args.batch, None)
 
 
 def device_peak(kind: str | None = None) -> float | None:

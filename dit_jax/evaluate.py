@@ -381,7 +381,7 @@ class TimedSampler:
         return statistics.median(self.times[name])
 
     def token_shares(self, name: str) -> tuple[float, float]:
-        """(attention, MLP) tokens processed, as a share of the baseline's, over all steps."""
+        """(attention queries, MLP tokens) processed, as a share of the baseline's, over all steps."""
         from dit_jax.bench import step_tokens, token_shares
 
         n = self.weights.config.dit.num_tokens

@@ -198,17 +198,31 @@ def apply_to_lone_tokens(plan: MergePlan, fn, x: jax.Array, merged_value: jax.Ar
     in a merged window. Equal to `jnp.where(merged_mask, merged_value, unmerge(plan, fn(merge(plan,
     x))))` without computing fn on the merged windows, whose outputs that would throw away: what a
     block's MLP needs when merged tokens take their whole output from a protected step's cache
-    (`SDTMConfig(cache_weight=0)`). Window plans (SSM) only: they know statically how many slots
-    hold one token (A = N - merge_count - merged_windows); other plans raise a ValueError.
+    (`SDTMConfig(cache_weight=0)`). Window plans (SSM) only (see `unmerge_lone`).
     """
-    if plan.windows is None:
-        raise ValueError("apply_to_lone_tokens needs a window plan (SSM): other plans' merged slots vary per row")
-    first = plan.merged_windows
-    out = fn(_take_tokens(x, plan.keep_index[:, first:]))  # (B, A, C')
-    slot = plan.token_slot - first  # (B, N): negative inside a merged window
+    _check_window_plan(plan, "apply_to_lone_tokens")
+    return unmerge_lone(plan, fn(_take_tokens(x, plan.keep_index[:, plan.merged_windows:])), merged_value)
+
+
+def unmerge_lone(plan: MergePlan, out: jax.Array, merged_value: jax.Array) -> jax.Array:
+    """`unmerge` of the lone slots' outputs only, merged tokens reading `merged_value`.
+
+    out [B, A, C']: outputs of a window plan's slots after its merged windows, i.e. of
+    `merge(plan, x)[:, plan.merged_windows:]`, which hold one token each (A = N - merge_count -
+    merged_windows: window plans, SSM, know A statically; other plans' merged slots vary per row
+    and raise a ValueError). merged_value [B, N, C']. Returns [B, N, C']: each lone token's output,
+    merged_value at the tokens of merged windows.
+    """
+    _check_window_plan(plan, "unmerge_lone")
+    slot = plan.token_slot - plan.merged_windows  # (B, N): negative inside a merged window
     with jax.named_scope("unmerge"):
         alone = _take_tokens(out, jnp.maximum(slot, 0))
         return jnp.where((slot < 0)[..., None], merged_value.astype(out.dtype), alone)
+
+
+def _check_window_plan(plan: MergePlan, who: str) -> None:
+    if plan.windows is None:
+        raise ValueError(f"{who} needs a window plan (SSM): other plans' merged slots vary per row")
 
 
 def log_group_size(plan: MergePlan) -> jax.Array:

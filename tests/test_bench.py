@@ -88,7 +88,7 @@ def test_device_peak_picks_the_part(kind, peak):
     assert device_peak(kind) == peak
 
 
-def test_step_tokens_count_protected_steps_and_lone_mlp_tokens():
+def test_step_tokens_count_protected_steps_and_lone_slots():
     import dataclasses
 
     from dit_jax import load
@@ -99,8 +99,21 @@ def test_step_tokens_count_protected_steps_and_lone_mlp_tokens():
     method = sdtm.SDTMConfig(switch_step=1.0, deviation=0.0, protect_every=3, cache_weight=0.0)
     plan, _ = prepare(weights, "bag", sdtm=method, steps=6, output="latents")
     # SSM at ratio 0.5 of 256 tokens: 126 merged (42 windows of 4), 130 slots, 88 of them alone;
-    # steps 0 and 3 protected (full resolution); with cache_weight 0 the MLP skips the windows
-    assert step_tokens(plan, 256) == [(256, 256), (130, 88), (130, 88)] * 2
-    assert token_shares(step_tokens(plan, 256), 256) == ((2 * 256 + 4 * 130) / 1536, (2 * 256 + 4 * 88) / 1536)
+    # steps 0 and 3 protected (full resolution); with cache_weight 0 the MLP and the attention
+    # queries skip the windows: (queries, slots, MLP tokens)
+    assert step_tokens(plan, 256) == [(256, 256, 256), (88, 130, 88), (88, 130, 88)] * 2
+    assert token_shares(step_tokens(plan, 256), 256) == ((2 * 256 + 4 * 88) / 1536, (2 * 256 + 4 * 88) / 1536)
     blended = dataclasses.replace(plan, cache_weight=0.1)  # a partial blend needs every slot
-    assert step_tokens(blended, 256) == [(256, 256), (130, 130), (130, 130)] * 2
+    assert step_tokens(blended, 256) == [(256, 256, 256), (130, 130, 130), (130, 130, 130)] * 2
+
+
+def test_block_flops_count_queries_and_slots_apart():
+    from dit_jax.bench import BlockTokens, block_flops
+    from dit_jax.models.dit import variant
+
+    cfg = variant("DiT-S/2")
+    n, d = 256, cfg.hidden_size
+    # the textbook count of a transformer block: 24 n d^2 matmul FLOPs (qkv, out, 4x MLP) + 4 n^2 d attention
+    assert block_flops(cfg, BlockTokens.full(n)) == 24 * n * d * d + 4 * n * n * d
+    # 88 lone queries over 130 slots: q and out projections and the logits shrink, k and v do not
+    assert block_flops(cfg, BlockTokens(88, 130, 88)) == 4 * 88 * d * d + 4 * 130 * d * d + 4 * 88 * 130 * d + 16 * 88 * d * d

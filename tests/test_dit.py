@@ -151,32 +151,3 @@ def test_shared_plans_scanned_equal_unrolled(every):
         assert not np.allclose(a, c)  # sharing changes which plans the later blocks use
         # counters advance once per built plan: fewer builds than blocks
         assert float(sa["counter"].max()) <= float(sc["counter"].max())
-
-
-def test_mlp_branch_with_the_whole_cache_skips_merged_windows():
-    """cache_weight 0 with an SSM plan: the MLP runs on the lone tokens only, with the result of
-    the general path (merge, MLP, unmerge, gate, blend)."""
-    import sdtm
-    from dit_jax.models.dit import gated_branch, mlp_branch
-    from dit_jax.nn.layers import Mlp
-    from sdtm.ops import merge, unmerge
-
-    batch, grid, dim = 2, (4, 4), 8
-    keys = jax.random.split(jax.random.key(0), 4)
-    h = jax.random.normal(keys[0], (batch, 16, dim))
-    gate = jax.random.normal(keys[1], (batch, dim))
-    cache = jax.random.normal(keys[2], (2, batch, 16, dim))
-    mlp = Mlp(dim, 2 * dim, rngs=nnx.Rngs(1))
-    rows = []
-
-    def counting_mlp(tokens):
-        rows.append(tokens.shape[1])
-        return mlp(tokens)
-
-    plan = sdtm.ssm_plan(h, 6, grid=grid)  # 2 windows of 4 merged: 10 slots, 8 of them one token
-    general = gated_branch(gate, unmerge(plan, mlp(merge(plan, h))), plan, cache, 1, 0.0)
-    np.testing.assert_allclose(mlp_branch(counting_mlp, h, gate, plan, cache, 0.0), general, rtol=1e-6, atol=1e-6)
-    assert rows == [8]
-    blended = mlp_branch(counting_mlp, h, gate, plan, cache, 0.5)  # a partial blend needs every slot
-    np.testing.assert_array_equal(blended, gated_branch(gate, unmerge(plan, mlp(merge(plan, h))), plan, cache, 1, 0.5))
-    assert rows == [8, 10]

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dit_jax.models.config import PatchGridConfig
-from dit_jax.nn.attention import Attention, merged_self_attention
+from dit_jax.nn.attention import Attention
+from dit_jax.nn.branches import attention_branch, mlp_branch
 from dit_jax.nn.layers import Mlp, layer_norm, modulate, sincos_pos_embed_2d, timestep_embedding
 from sdtm.merger import BlockMerger, MergeState
-from sdtm.ops import apply_to_lone_tokens, blend_merged, merge, unmerge
 
 
 class Buffer(nnx.Variable):
@@ -165,33 +165,13 @@ class DiTBlock(nnx.Module):
             self.adaLN_modulation(jax.nn.silu(c)), 6, axis=-1
         )
         h = modulate(layer_norm(x), shift_msa, scale_msa)  # (B, N, D): the merge metric
-        attn_out, (attn_plan, mlp_plan), state = merged_self_attention(self.attn, h, merger, state, grid, plans)
-        attn_branch = gated_branch(gate_msa, attn_out, attn_plan, cache, 0, cache_weight)
+        attn_branch, (attn_plan, mlp_plan), state = attention_branch(
+            self.attn, h, gate_msa, merger, state, grid, plans, cache, cache_weight)
         x = x + attn_branch
         h = modulate(layer_norm(x), shift_mlp, scale_mlp)
         mlp_out = mlp_branch(self.mlp, h, gate_mlp, mlp_plan, cache, cache_weight)
         x = x + mlp_out
         return x, state, (attn_plan, mlp_plan), jnp.stack([attn_branch, mlp_out])
-
-
-def gated_branch(gate, out, plan, cache, index: int, cache_weight: float) -> jax.Array:
-    """gate (B, D) * a block's branch output (B, N, D); with a protected-step cache, merged
-    tokens blended with cache[index] (the official release's `mcw`, see `sdtm.ops.blend_merged`)."""
-    branch = gate[:, None] * out
-    return branch if cache is None else blend_merged(plan, branch, cache[index], cache_weight)
-
-
-def mlp_branch(mlp, h, gate, plan, cache, cache_weight: float) -> jax.Array:
-    """A block's gated MLP branch under a merge plan: gate (B, D) * unmerge(mlp(merge(h (B, N, D)))),
-    merged tokens blended with the protected-step cache as `gated_branch` does.
-
-    When merged tokens take the cache whole (cache_weight 0) and the plan merges whole windows
-    (SSM), the MLP runs on the tokens left alone only (`sdtm.ops.apply_to_lone_tokens`): the same
-    result without the merged windows' rows, whose outputs the blend would discard.
-    """
-    if cache is not None and cache_weight == 0.0 and plan is not None and plan.windows is not None and plan.merge_count:
-        return apply_to_lone_tokens(plan, lambda tokens: gate[:, None] * mlp(tokens), h, cache[1])
-    return gated_branch(gate, unmerge(plan, mlp(merge(plan, h))), plan, cache, 1, cache_weight)
 
 
 class FinalLayer(nnx.Module):

@@ -34,8 +34,9 @@ from flax import nnx
 
 from dit_jax.models.config import PatchGridConfig
 
-from dit_jax.models.dit import DiT, PatchEmbed, TimestepEmbedder, _linear, gated_branch, mlp_branch
-from dit_jax.nn.attention import MultiHeadAttention, merged_self_attention
+from dit_jax.models.dit import DiT, PatchEmbed, TimestepEmbedder, _linear
+from dit_jax.nn.attention import MultiHeadAttention
+from dit_jax.nn.branches import attention_branch, mlp_branch
 from dit_jax.nn.layers import Mlp, layer_norm, modulate
 from sdtm.merger import BlockMerger, MergeState
 from sdtm.ops import merge, unmerge
@@ -256,8 +257,8 @@ class PixArtBlock(nnx.Module):
         modulation = self.scale_shift_table[None] + c.modulation.reshape(b, 6, d)  # (B, 6, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (modulation[:, i] for i in range(6))
         h = modulate(layer_norm(x, self.norm_eps), shift_msa, scale_msa)  # (B, N, D): the merge metric
-        attn_out, (attn_plan, mlp_plan), state = merged_self_attention(self.attn, h, merger, state, grid, plans)
-        attn_branch = gated_branch(gate_msa, attn_out, attn_plan, cache, 0, cache_weight)
+        attn_branch, (attn_plan, mlp_plan), state = attention_branch(
+            self.attn, h, gate_msa, merger, state, grid, plans, cache, cache_weight)
         x = x + attn_branch
         # Cross-attention on the un-normalised tokens; its queries follow the attention plan.
         cross = unmerge(attn_plan, self.cross_attn(merge(attn_plan, x), c.text, c.text_bias))

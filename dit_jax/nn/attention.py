@@ -118,17 +118,35 @@ class Attention(nnx.Module):
         self.proj = nnx.Linear(dim, dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     @jax.named_scope("attention")
-    def __call__(self, x: jax.Array, bias: jax.Array | None = None, *, with_key_attention: bool = False):
-        """x (B, N, D) -> (B, N, D); with `with_key_attention` also the (B, N) key-attention score.
-        bias: additive logits, broadcastable to (B, heads, N, N)."""
+    def __call__(
+        self, x: jax.Array, bias: jax.Array | None = None, *, with_key_attention: bool = False, query_start: int = 0
+    ):
+        """x (B, N, D) -> (B, N - query_start, D); with `with_key_attention` also the (B, N)
+        key-attention score. bias: additive logits, broadcastable to (B, heads, N - query_start, N).
+        query_start: only the tokens from this one on query (all N are keys and values); the
+        others' query projections are never computed."""
         b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, h, hd)
-        out = _attention(q, k, v, bias).reshape(b, n, d)
-        out = self.proj(out)
+        heads, head_dim = self.num_heads, d // self.num_heads
+        if query_start:
+            q = project(self.qkv, x[:, query_start:], 0, d).reshape(b, n - query_start, heads, head_dim)
+            kv = project(self.qkv, x, d, 3 * d).reshape(b, n, 2, heads, head_dim)
+            k, v = kv[:, :, 0], kv[:, :, 1]
+        else:
+            qkv = self.qkv(x).reshape(b, n, 3, heads, head_dim)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, h, hd)
+        out = self.proj(_attention(q, k, v, bias).reshape(b, q.shape[1], d))
         if with_key_attention:
             return out, key_attention(q, k)
         return out
+
+
+def project(linear: nnx.Linear, x: jax.Array, start: int, stop: int) -> jax.Array:
+    """`linear(x)[..., start:stop]` without computing the other output features (as
+    `nnx.Linear.__call__` does, on a slice of its kernel and bias)."""
+    kernel, bias = linear.kernel[...][:, start:stop], linear.bias[...][start:stop]
+    x, kernel, bias = linear.promote_dtype((x, kernel, bias), dtype=linear.dtype)
+    y = linear.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=linear.precision)
+    return y + bias
 
 
 class MultiHeadAttention(nnx.Module):
@@ -153,12 +171,16 @@ class MultiHeadAttention(nnx.Module):
         bias: jax.Array | None = None,  # additive, broadcastable to (B, heads, N, S)
         *,
         with_key_attention: bool = False,
+        query_start: int = 0,
     ):
-        """-> (B, N, D); with `with_key_attention` also the (B, S) key-attention score (IDM)."""
+        """-> (B, N - query_start, D); with `with_key_attention` also the (B, S) key-attention
+        score (IDM). query_start: only x's tokens from this one on query (as in `Attention`)."""
         context = x if context is None else context
-        b, n, d = x.shape
+        b, _, d = x.shape
         s = context.shape[1]
         head_dim = d // self.num_heads
+        x = x[:, query_start:]
+        n = x.shape[1]
         q = self.q(x).reshape(b, n, self.num_heads, head_dim)
         k = self.k(context).reshape(b, s, self.num_heads, head_dim)
         v = self.v(context).reshape(b, s, self.num_heads, head_dim)
@@ -184,21 +206,31 @@ def merged_self_attention(
     A merger that ranks tokens by the attention they receive (IDM) gets it from a full
     self-attention, and may then merge the MLP input only.
     """
-    if plans is not None:
-        attn_plan, mlp_plan = plans
-    elif merger is None:
+    if plans is None and merger is None:
         return attn(h), (None, None), state
-    elif merger.needs_key_attention:
+    if plans is None and merger.needs_key_attention:
         out, key_att = attn(h, with_key_attention=True)
         with jax.named_scope("merge_plan"):
             attn_plan, mlp_plan, state = merger.build(h, state, grid=grid, key_attention=key_att)
         if attn_plan is not None:
             raise ValueError("a merger that needs key attention cannot merge attention inputs")
         return out, (attn_plan, mlp_plan), state
-    else:
-        with jax.named_scope("merge_plan"):
-            attn_plan, mlp_plan, state = merger.build(h, state, grid=grid)
-    bias = None
-    if attn_plan is not None and getattr(merger, "proportional_attention", False):
-        bias = log_group_size(attn_plan)[:, None, None, :]  # (B, 1, 1, M): a merged key counts its group
-    return unmerge(attn_plan, attn(merge(attn_plan, h), bias=bias)), (attn_plan, mlp_plan), state
+    if plans is None:
+        plans, state = build_plans(merger, h, state, grid)
+    attn_plan = plans[0]
+    return unmerge(attn_plan, attn(merge(attn_plan, h), bias=merged_key_bias(merger, attn_plan))), plans, state
+
+
+def build_plans(merger: BlockMerger, h: jax.Array, state: MergeState, grid: tuple[int, int]) -> tuple[tuple, MergeState]:
+    """((attn_plan, mlp_plan), state) from a merger that needs no key attention, for metric h (B, N, D)."""
+    with jax.named_scope("merge_plan"):
+        attn_plan, mlp_plan, state = merger.build(h, state, grid=grid)
+    return (attn_plan, mlp_plan), state
+
+
+def merged_key_bias(merger: BlockMerger | None, attn_plan) -> jax.Array | None:
+    """ToMe's proportional attention, when the merger asks for it: log(group size) on every
+    merged key's logits, (B, 1, 1, M); else None."""
+    if attn_plan is None or not getattr(merger, "proportional_attention", False):
+        return None
+    return log_group_size(attn_plan)[:, None, None, :]
