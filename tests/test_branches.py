@@ -96,8 +96,9 @@ def test_query_start_gives_the_last_rows(kind):
     np.testing.assert_allclose(attn(x, bias=bias, query_start=5), attn(x, bias=bias)[:, 5:], rtol=1e-5, atol=1e-6)
 
 
-def test_project_is_a_slice_of_the_linear_layer():
-    linear = nnx.Linear(DIM, 3 * DIM, rngs=nnx.Rngs(4))
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_project_is_a_slice_of_the_linear_layer(use_bias):
+    linear = nnx.Linear(DIM, 3 * DIM, use_bias=use_bias, rngs=nnx.Rngs(4))
     x = jax.random.normal(jax.random.key(5), (BATCH, TOKENS, DIM))
     np.testing.assert_allclose(project(linear, x, DIM, 3 * DIM), linear(x)[..., DIM:], rtol=1e-6, atol=1e-6)
 

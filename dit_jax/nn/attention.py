@@ -143,10 +143,11 @@ class Attention(nnx.Module):
 def project(linear: nnx.Linear, x: jax.Array, start: int, stop: int) -> jax.Array:
     """`linear(x)[..., start:stop]` without computing the other output features (as
     `nnx.Linear.__call__` does, on a slice of its kernel and bias)."""
-    kernel, bias = linear.kernel[...][:, start:stop], linear.bias[...][start:stop]
+    kernel = linear.kernel[...][:, start:stop]
+    bias = None if linear.bias is None else linear.bias[...][start:stop]
     x, kernel, bias = linear.promote_dtype((x, kernel, bias), dtype=linear.dtype)
     y = linear.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=linear.precision)
-    return y + bias
+    return y if bias is None else y + bias
 
 
 class MultiHeadAttention(nnx.Module):
