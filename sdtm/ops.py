@@ -67,7 +67,10 @@ class MergePlan:
 
     @property
     def merged_windows(self) -> int:
-        """Window plans only: how many merged windows lead the slots (the rest hold one token)."""
+        """Window plans only: how many merged windows lead the slots (the rest hold one token).
+        Other plans' merged slots vary per row: a ValueError."""
+        if self.windows is None:
+            raise ValueError("this needs a window plan (SSM): other plans' merged slots vary per row")
         (_, (win_h, win_w)) = self.windows
         return self.merge_count // (win_h * win_w - 1)
 
@@ -200,7 +203,6 @@ def apply_to_lone_tokens(plan: MergePlan, fn, x: jax.Array, merged_value: jax.Ar
     block's MLP needs when merged tokens take their whole output from a protected step's cache
     (`SDTMConfig(cache_weight=0)`). Window plans (SSM) only (see `unmerge_lone`).
     """
-    _check_window_plan(plan, "apply_to_lone_tokens")
     return unmerge_lone(plan, fn(_take_tokens(x, plan.keep_index[:, plan.merged_windows:])), merged_value)
 
 
@@ -213,16 +215,10 @@ def unmerge_lone(plan: MergePlan, out: jax.Array, merged_value: jax.Array) -> ja
     and raise a ValueError). merged_value [B, N, C']. Returns [B, N, C']: each lone token's output,
     merged_value at the tokens of merged windows.
     """
-    _check_window_plan(plan, "unmerge_lone")
     slot = plan.token_slot - plan.merged_windows  # (B, N): negative inside a merged window
     with jax.named_scope("unmerge"):
         alone = _take_tokens(out, jnp.maximum(slot, 0))
         return jnp.where((slot < 0)[..., None], merged_value.astype(out.dtype), alone)
-
-
-def _check_window_plan(plan: MergePlan, who: str) -> None:
-    if plan.windows is None:
-        raise ValueError(f"{who} needs a window plan (SSM): other plans' merged slots vary per row")
 
 
 def log_group_size(plan: MergePlan) -> jax.Array:

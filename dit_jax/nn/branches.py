@@ -51,7 +51,7 @@ def attention_branch(
     does. When `lone_slots_only`, the merged windows' queries are skipped: only the lone slots
     query all merged slots, and the windows' tokens read cache[0] (the same result).
     """
-    if plans is None and cache is not None and merger is not None and not merger.needs_key_attention:
+    if plans is None and merger is not None and not merger.needs_key_attention:
         plans, state = build_plans(merger, h, state, grid)  # the plan first: it may spare queries
     if plans is not None and lone_slots_only(plans[0], cache, cache_weight):
         attn_plan = plans[0]
