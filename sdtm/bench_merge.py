@@ -8,14 +8,19 @@ this device, each a kernel launch on a GPU, and how many of them sort or scatter
 the build and the merge variants. Every variant computes `sdtm.merge` up to round-off
 (tests/test_ops.py checks that they agree):
   offsets      sdtm.merge: seeds + (token - seed) / group size summed per group, exact when a
-               group's tokens are equal; for SSM's window plans in place per window and one
-               gather (sdtm.ops.merge_windows), for the others as `scatter`
+               group's tokens are equal; for SSM's window plans the merged windows' tokens
+               gathered and averaged (sdtm.ops.merge_windows), for the others as `scatter`
+  grid_means   SSM plans only: every window of the grid averaged in place, the merged ones
+               gathered (what merge_windows did before)
   scatter      sdtm.ops.merge_scatter: the scatter-added (source - seed) / group size, one
                more gather of R rows than sum_scatter; the scatter vmapped over rows (so XLA
-               can split it over devices with the batch). On SSM plans: what merge_windows saves
+               can split it over devices with the batch). On SSM plans: what merge_windows saves.
+               Below float32 only the W destination slots of IDM and ToMe plans go to float32
+  all_slots    the same with every slot copied to float32 (merge_scatter's float32 path; what
+               it did at every dtype before)
   matmul       sdtm.ops.merge_matmul: the same offsets summed by a 0/1 [B, D, R] matrix product
                (merge_sum="matmul" in SDTMConfig / ToMeConfig): no scatter, 2*D*R*C FLOPs, D the
-               W destinations of IDM and ToMe plans, all M slots of SSM's (which merge_windows sums)
+               W destinations of IDM and ToMe plans, all M slots of SSM's
   row_indexed  the same with one scatter indexed by [row, slot] pairs (what sdtm.merge did
                before: XLA gathers it across devices when the batch is sharded)
   sum_scatter  seeds + scatter-added sources, times 1/group size (one gather of R rows fewer)
@@ -28,6 +33,8 @@ the build and the merge variants. Every variant computes `sdtm.merge` up to roun
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import random
 import time
 
 import jax
@@ -42,6 +49,26 @@ from sdtm.tome import tome_plan
 
 def merge_offsets(plan: MergePlan, x: jax.Array) -> jax.Array:
     return merge(plan, x)
+
+
+def merge_grid_means(plan: MergePlan, x: jax.Array) -> jax.Array:
+    """A window plan's merge as the mean of every window of the grid (a reshape and a reduction
+    over all N tokens), the merged windows' means gathered, then the other slots' tokens."""
+    (height, width), (win_h, win_w) = plan.windows
+    batch, _, channels = x.shape
+    merged = plan.merged_windows
+    blocks = x.astype(jnp.float32).reshape(batch, height // win_h, win_h, width // win_w, win_w, channels)
+    seed = blocks[:, :, :1, :, :1]  # each window's top-left token, the seed of its slot
+    mean = (seed + jnp.sum(blocks - seed, axis=(2, 4), keepdims=True) * (1.0 / (win_h * win_w))).reshape(batch, -1, channels)
+    seeds = plan.keep_index[:, :merged]
+    slot_window = (seeds // width // win_h) * (width // win_w) + seeds % width // win_w  # (B, merged)
+    means = jnp.take_along_axis(mean, slot_window[..., None], axis=1).astype(x.dtype)
+    return jnp.concatenate([means, jnp.take_along_axis(x, plan.keep_index[:, merged:, None], axis=1)], axis=1)
+
+
+def merge_all_slots(plan: MergePlan, x: jax.Array) -> jax.Array:
+    """`merge_scatter` as if any slot could be joined: every slot to float32 and back."""
+    return merge_scatter(dataclasses.replace(plan, dst_slots=None), x)
 
 
 def merge_row_indexed(plan: MergePlan, x: jax.Array) -> jax.Array:
@@ -96,12 +123,16 @@ def merge_one_hot(plan: MergePlan, x: jax.Array) -> jax.Array:
 
 def _time_all(calls: dict, reps: int) -> dict[str, float]:
     """Best wall time in ms of each (fn, *args) in `calls`, after a warm-up call each. The
-    variants take turns, so a busy machine slows them alike."""
+    variants take turns, so a busy machine slows them alike, in a new random order every
+    round: a call right after `build` reads its input from a cold cache (in a fixed order the
+    same variant always did, and ran up to 1.7x slower here)."""
     for fn, *args in calls.values():
         jax.block_until_ready(fn(*args))
     best = dict.fromkeys(calls, float("inf"))
+    rng = random.Random(0)
     for _ in range(reps):
-        for name, (fn, *args) in calls.items():
+        for name in rng.sample(list(calls), len(calls)):
+            fn, *args = calls[name]
             start = time.perf_counter()
             jax.block_until_ready(fn(*args))
             best[name] = min(best[name], time.perf_counter() - start)
@@ -131,12 +162,15 @@ def run(tokens: list[int], batch: int, channels: int, dtype: str, reps: int, one
                 "build": (build, metric),
                 "offsets": (jax.jit(merge_offsets), plan, x),
                 "scatter": (jax.jit(merge_scatter), plan, x),
+                "all_slots": (jax.jit(merge_all_slots), plan, x),
                 "matmul": (jax.jit(merge_matmul), plan, x),
                 "row_indexed": (jax.jit(merge_row_indexed), plan, x),
                 "sum_scatter": (jax.jit(merge_sum_scatter), plan, x),
                 "segment_sum": (jax.jit(merge_segment_sum), plan, x),
                 "sorted_sum": (jax.jit(merge_sorted_sum), plan, x, order, sorted_slot),
             }
+            if plan.windows is not None:
+                calls["grid_means"] = (jax.jit(merge_grid_means), plan, x)
             if num_tokens <= one_hot_max:
                 calls["one_hot"] = (jax.jit(merge_one_hot), plan, x)
             calls["unmerge"] = (jax.jit(unmerge), plan, merge(plan, x))
@@ -147,7 +181,7 @@ def run(tokens: list[int], batch: int, channels: int, dtype: str, reps: int, one
             print(f"N={num_tokens:5d} {name:4s} R={plan.merge_count:5d}  {launched}  {cells}", flush=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--batch", type=int, default=2)
@@ -155,7 +189,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--one-hot-max", type=int, default=1024, help="skip one_hot above this many tokens")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     run(args.tokens, args.batch, args.channels, args.dtype, args.reps, args.one_hot_max)
 
 

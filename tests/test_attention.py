@@ -100,6 +100,16 @@ def test_key_attention_is_the_mean_probability_each_key_receives():
     np.testing.assert_allclose(strided.sum(axis=1), 1.0, rtol=1e-5)
 
 
+def test_key_attention_of_bfloat16_is_float32_math_on_the_same_values():
+    """bfloat16 q and k multiply in bfloat16 with float32 sums: the same score as float32 copies."""
+    q = jax.random.normal(jax.random.key(0), (2, 64, HEADS, 8)).astype(jnp.bfloat16)
+    k = jax.random.normal(jax.random.key(1), (2, 64, HEADS, 8)).astype(jnp.bfloat16)
+    score = key_attention(q, k, num_queries=16)
+    assert score.dtype == jnp.float32
+    upcast = key_attention(q.astype(jnp.float32), k.astype(jnp.float32), num_queries=16)
+    np.testing.assert_allclose(score, upcast, rtol=1e-6)
+
+
 @pytest.mark.parametrize("n, s, chunk", [(64, 64, 16), (50, 64, 16), (40, 7, 128)])
 @pytest.mark.parametrize("bias_shape", [None, "keys", "full"])
 def test_chunked_attention_equals_dot_product_attention(n, s, chunk, bias_shape):

@@ -2,6 +2,8 @@
 (Speed itself is never asserted.)"""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -117,3 +119,28 @@ def test_block_flops_count_queries_and_slots_apart():
     assert block_flops(cfg, BlockTokens.full(n)) == 24 * n * d * d + 4 * n * n * d
     # 88 lone queries over 130 slots: q and out projections and the logits shrink, k and v do not
     assert block_flops(cfg, BlockTokens(88, 130, 88)) == 4 * 88 * d * d + 4 * 130 * d * d + 4 * 88 * 130 * d + 16 * 88 * d * d
+
+
+def gpu_script_benches() -> list[tuple[str, list[str]]]:
+    """(mode, strategies) of every `bench NAME MODE ...` call in docs/gpu_run.sh, its
+    ${VAR:-default} strategy lists read at their defaults."""
+    text = (Path(__file__).parent.parent / "docs" / "gpu_run.sh").read_text().replace("\\\n", " ")
+    calls = []
+    for line in text.splitlines():
+        call = re.match(r'\s*bench\s+\S+\s+(\w+)\s', line)
+        if call:
+            strategies = re.search(r'--strategies\s+"([^"]+)"', line).group(1)
+            strategies = re.sub(r"\$\{\w+:-(.*)\}", r"\1", strategies)
+            calls.append((call.group(1), split_strategies(strategies)))
+    return calls
+
+
+def test_gpu_script_strategies_parse():
+    """A lent GPU is rare: a typo in the prepared script must fail here, not on the card."""
+    calls = gpu_script_benches()
+    assert {mode for mode, _ in calls} == {"sample", "forward"} and len(calls) >= 5
+    for mode, strategies in calls:
+        assert parse_strategy(strategies[0]) is False, "speed-ups are against a leading baseline"
+        for text in strategies:
+            parsed = parse_strategy(text)
+            assert mode == "forward" or not isinstance(parsed, tuple), f"{text}: forward-only in a sample bench"

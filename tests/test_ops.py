@@ -206,14 +206,31 @@ def test_benchmarked_merge_variants_agree_with_merge(kind):
     order, sorted_slot = bench_merge.slot_order(plan)
     for got in (
         bench_merge.merge_scatter(plan, x),
+        bench_merge.merge_all_slots(plan, x),
         bench_merge.merge_row_indexed(plan, x),
         bench_merge.merge_sum_scatter(plan, x),
         bench_merge.merge_segment_sum(plan, x),
         bench_merge.merge_sorted_sum(plan, x, order, sorted_slot),
         bench_merge.merge_one_hot(plan, x),
         sdtm.ops.merge_matmul(plan, x),
+        *([bench_merge.merge_grid_means(plan, x)] if plan.windows else []),
     ):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["idm_attention", "tome"])
+def test_bfloat16_merge_of_a_bipartite_plan_sums_its_destinations_only(kind):
+    """Below float32 only the destination slots go through float32: the same bits as copying
+    every slot, and the slots no source joins are the tokens themselves."""
+    plan, _ = make_plan(kind, 7, ((4, 6), (2, 2)), 0.7)
+    assert plan.dst_slots is not None
+    x = random_tokens(7, 24).astype(jnp.bfloat16)
+    got = jax.jit(sdtm.ops.merge_scatter)(plan, x)
+    np.testing.assert_array_equal(got.astype(jnp.float32), bench_merge.merge_all_slots(plan, x).astype(jnp.float32))
+    first = plan.keep_index.shape[1] - plan.dst_slots
+    np.testing.assert_array_equal(
+        got[:, :first].astype(jnp.float32), jnp.take_along_axis(x, plan.keep_index[:, :first, None], axis=1).astype(jnp.float32)
+    )
 
 
 def test_window_tokens_layout():

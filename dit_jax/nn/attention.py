@@ -98,11 +98,13 @@ def key_attention(q: jax.Array, k: jax.Array, num_queries: int = KEY_ATTENTION_Q
 
     q, k: (B, N, heads, head_dim) -> (B, N). Costs num_queries * N per head instead of N * N, and
     never touches the full probability matrix, so the main attention keeps its flash path.
+    The logits are float32: products of q and k in their own dtype (exact for bfloat16) summed
+    in float32, so a bfloat16 k is never copied to float32 (a pass over all of k per block).
     """
     n = q.shape[1]
     stride = max(1, n // num_queries)
-    q_sub = q[:, ::stride].astype(jnp.float32)  # (B, Q, h, d)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q_sub, k.astype(jnp.float32)) / jnp.sqrt(q.shape[-1])
+    q_sub = q[:, ::stride]  # (B, Q, h, d)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q_sub, k, preferred_element_type=jnp.float32) / jnp.sqrt(q.shape[-1])
     probs = jax.nn.softmax(logits, axis=-1)  # (B, h, Q, N)
     return probs.mean(axis=(1, 2))
 
