@@ -165,8 +165,8 @@ def _text_length(cfg) -> int:
 
 
 class BlockTokens(NamedTuple):
-    """Tokens one block processes: its self-attention's queries and slots (the keys and values;
-    PixArt's cross-attention queries too), and the MLP's."""
+    """Tokens one block processes: its self-attention's queries (PixArt's cross-attention's
+    too) and slots (the keys and values), and the MLP's."""
 
     queries: int
     slots: int
@@ -185,7 +185,7 @@ def block_flops(cfg, tokens: BlockTokens) -> float:
     attn = 2 * q * d * d + 2 * n * d * 2 * d + 4 * q * n * d + 2 * q * d * d  # q, kv, attention, out
     text = _text_length(cfg)
     if text:
-        attn += 2 * n * d * d + 2 * text * d * 2 * d + 4 * n * text * d + 2 * n * d * d
+        attn += 2 * q * d * d + 2 * text * d * 2 * d + 4 * q * text * d + 2 * q * d * d
     return attn + 4 * tokens.mlp * d * hidden
 
 

@@ -128,7 +128,7 @@ def _run(weights: Weights, x_T, cond, cfg_scale, key, plan: SamplingPlan):
     # resolution and refreshes the per-block cache that merged tokens blend with.
     cache = None
     if plan.protect_every:
-        cache = jnp.zeros((cfg.depth, 2, model_batch, cfg.num_tokens, cfg.hidden_size), weights.dtype)
+        cache = jnp.zeros((cfg.depth, model.CACHED_BRANCHES, model_batch, cfg.num_tokens, cfg.hidden_size), weights.dtype)
 
     for phase_index, phase in enumerate(plan.phases):
         merger = phase.merger

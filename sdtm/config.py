@@ -59,11 +59,12 @@ class SDTMConfig:
         a few dozen small kernels; on a GPU they cost more than merging saves unless shared.
     protect_every, cache_weight: the official release's extras, off by default. Steps i with
         i % protect_every == 0 run at full resolution and keep every block's gated attention and
-        MLP outputs; on the other steps a merged token's output becomes cache_weight * its own +
-        (1 - cache_weight) * that cache (the release's sample.py: 3 and 0.1). The cache holds
-        depth * 2 * batch * N * hidden numbers (2.1 GB in bf16 for DiT-XL/2 at 512 px, batch 16).
-        With cache_weight 0 merged tokens take the cache whole, so SSM blocks run their MLP on
-        the tokens left alone only (the merged windows' outputs would be discarded).
+        MLP outputs (PixArt: and its cross-attention's); on the other steps a merged token's
+        output becomes cache_weight * its own + (1 - cache_weight) * that cache (the release's
+        sample.py: 3 and 0.1). The cache holds depth * branches * batch * N * hidden numbers
+        (2 branches, 2.1 GB in bf16 for DiT-XL/2 at 512 px, batch 16; PixArt 3). With
+        cache_weight 0 merged tokens take the cache whole, so SSM blocks compute the tokens left
+        alone only (the merged windows' outputs would be discarded; they stay attention keys).
     proportional_attention: ToMe's proportional attention, off by default: in the structure
         stage a merged attention key's logit gains log(its group size), so a window merged into
         one key draws the attention its tokens drew together (exactly so when they were equal).

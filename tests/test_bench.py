@@ -119,6 +119,13 @@ def test_block_flops_count_queries_and_slots_apart():
     assert block_flops(cfg, BlockTokens.full(n)) == 24 * n * d * d + 4 * n * n * d
     # 88 lone queries over 130 slots: q and out projections and the logits shrink, k and v do not
     assert block_flops(cfg, BlockTokens(88, 130, 88)) == 4 * 88 * d * d + 4 * 130 * d * d + 4 * 88 * 130 * d + 16 * 88 * d * d
+    # PixArt's cross-attention to L text tokens: its queries are the self-attention's
+    from dit_jax.models.pixart import variant as pixart_variant
+
+    cfg = pixart_variant("PixArt-alpha-XL/2-512")
+    d, text = cfg.hidden_size, cfg.max_text_length
+    cross = 4 * 88 * d * d + 4 * text * d * d + 4 * 88 * text * d
+    assert block_flops(cfg, BlockTokens(88, 130, 88)) == 4 * 88 * d * d + 4 * 130 * d * d + 4 * 88 * 130 * d + cross + 16 * 88 * d * d
 
 
 def gpu_script_benches() -> list[tuple[str, list[str]]]:

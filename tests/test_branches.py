@@ -11,10 +11,10 @@ from flax import nnx
 
 import sdtm
 from dit_jax.nn.attention import Attention, MultiHeadAttention, merged_self_attention, project
-from dit_jax.nn.branches import attention_branch, gated_branch, mlp_branch
+from dit_jax.nn.branches import attention_branch, cross_attention_branch, gated_branch, mlp_branch
 from dit_jax.nn.layers import Mlp
 from sdtm import IDMMerger, SSMMerger
-from sdtm.ops import merge, unmerge
+from sdtm.ops import blend_merged, merge, unmerge
 
 BATCH, GRID, DIM, HEADS = 2, (4, 4), 8, 2
 TOKENS = GRID[0] * GRID[1]
@@ -121,3 +121,22 @@ def test_mlp_branch_with_the_whole_cache_skips_merged_windows():
     blended = mlp_branch(counting_mlp, h, gate, plan, cache, 0.5)  # a partial blend needs every slot
     np.testing.assert_array_equal(blended, gated_branch(gate, unmerge(plan, mlp(merge(plan, h))), plan, cache, 1, 0.5))
     assert rows == [8, 10]
+
+
+def test_cross_attention_branch_with_the_whole_cache_skips_merged_windows():
+    """PixArt's cross-attention: with cache_weight 0 and an SSM plan only the lone slots query
+    the caption, with the general path's result (merge, cross-attention, unmerge, blend with
+    cache[2]); a partial blend and no cache take the general path."""
+    x, _, _ = inputs(7)
+    keys = jax.random.split(jax.random.key(8), 2)
+    text, cache = jax.random.normal(keys[0], (BATCH, 5, DIM)), jax.random.normal(keys[1], (3, BATCH, TOKENS, DIM))
+    text_bias = jnp.where(jnp.arange(5) < 3, 0.0, -10000.0)[None, None, None]  # two padded text tokens
+    cross = MultiHeadAttention(DIM, HEADS, rngs=nnx.Rngs(2), dtype=jnp.float32)
+    calls = []
+    plan = sdtm.ssm_plan(x, 6, grid=GRID)  # 2 windows of 4 merged: 10 slots, 8 of them one token
+    unmerged = unmerge(plan, cross(merge(plan, x), text, text_bias))
+    for weight, rows in ((0.0, 8), (0.5, 10)):
+        got = cross_attention_branch(counting(cross, calls), x, text, text_bias, plan, cache, weight)
+        np.testing.assert_allclose(got, blend_merged(plan, unmerged, cache[2], weight), rtol=1e-6, atol=1e-6)
+        assert calls[-1] == rows
+    np.testing.assert_array_equal(cross_attention_branch(cross, x, text, text_bias, plan, None, 1.0), unmerged)

@@ -227,7 +227,7 @@ def test_scanned_blocks_equal_unrolled_blocks(tiny):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(bb, ba, rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(sa["counter"], sb["counter"])
-        assert ba.shape == (cfg.depth, 2, 3, cfg.num_tokens, cfg.hidden_size)
+        assert ba.shape == (cfg.depth, PixArt.CACHED_BRANCHES, 3, cfg.num_tokens, cfg.hidden_size)
         assert not np.allclose(a, unrolled)
 
 
@@ -396,7 +396,7 @@ def test_cache_blend(tiny):
     _, _, model = tiny
     x, t, cond = as_jax(*make_inputs(TINY))
     full, _, branches = fwd(model, x, t, cond, return_branches=True)
-    assert branches.shape == (TINY.depth, 2, 3, TINY.num_tokens, TINY.hidden_size)
+    assert branches.shape == (TINY.depth, PixArt.CACHED_BRANCHES, 3, TINY.num_tokens, TINY.hidden_size)
     np.testing.assert_array_equal(full, fwd(model, x, t, cond)[0])
     merger, state = sdtm.SSMMerger(6), sdtm.init_state(3, TINY.num_tokens)
     merged = fwd(model, x, t, cond, merger, state)[0]

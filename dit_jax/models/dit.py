@@ -186,6 +186,9 @@ class FinalLayer(nnx.Module):
 
 
 class DiT(nnx.Module):
+    # Branch outputs per block in SDTM's protected-step cache (`forward_merged`): attention, MLP.
+    CACHED_BRANCHES = 2
+
     def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         config.validate()
         self.config = config
@@ -248,7 +251,7 @@ class DiT(nnx.Module):
 
     def run_blocks(self, tokens, c, merger, merge_state, block_stack, cache, cache_weight, collect):
         """Every block on tokens (B, N, D) with the blocks' conditioning `c` -> (tokens, merge
-        state, branches (depth, 2, B, N, D) when `collect`, else None). One after another, or
+        state, branches (depth, CACHED_BRANCHES, B, N, D) when `collect`, else None). One after another, or
         (block_stack given) as scans; blocks share plans in groups of the merger's plan_every."""
         every = getattr(merger, "plan_every", 1) if merger is not None else 1
         if block_stack is not None:
@@ -266,7 +269,7 @@ class DiT(nnx.Module):
         """The blocks as scans over their stacked parameters (and cache). With plan sharing
         (every > 1), an outer scan over groups of `every` blocks: a group's first block builds
         the plans and an inner scan runs the others with them; a last, shorter group
-        (depth % every) likewise. Returns (tokens, merge state, branches (depth, 2, B, N, D) when
+        (depth % every) likewise. Returns (tokens, merge state, branches (depth, CACHED_BRANCHES, B, N, D) when
         `collect`, else None: the scans then carry no per-block outputs at all)."""
         graphdef, stacked = block_stack
         grid = self.config.grid

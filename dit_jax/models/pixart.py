@@ -36,10 +36,9 @@ from dit_jax.models.config import PatchGridConfig
 
 from dit_jax.models.dit import DiT, PatchEmbed, TimestepEmbedder, _linear
 from dit_jax.nn.attention import MultiHeadAttention
-from dit_jax.nn.branches import attention_branch, mlp_branch
+from dit_jax.nn.branches import attention_branch, cross_attention_branch, mlp_branch
 from dit_jax.nn.layers import Mlp, layer_norm, modulate
 from sdtm.merger import BlockMerger, MergeState
-from sdtm.ops import merge, unmerge
 
 # diffusers turns a text mask into this additive bias (keep: 0, pad: -10000) in the hidden dtype;
 # the same bias here gives the same numbers (a padded key's weight underflows to exactly 0).
@@ -248,10 +247,10 @@ class PixArtBlock(nnx.Module):
         """Returns (x, state, (attn_plan, mlp_plan), branches), as `DiTBlock` does.
 
         plans: reuse these (built by an earlier block) instead of asking the merger.
-        cache (2, B, N, D): this block's gated self-attention and MLP outputs at the last
-          full-resolution step; merged tokens blend with it (`blend_merged`). The cross-attention
-          branch is neither cached nor blended.
-        branches (2, B, N, D): this call's gated self-attention and MLP outputs.
+        cache (3, B, N, D): this block's gated self-attention, gated MLP and cross-attention
+          (before the prompt weight) outputs at the last full-resolution step; merged tokens
+          blend with them (`blend_merged`, `dit_jax.nn.branches`).
+        branches (3, B, N, D): this call's outputs of the same three branches.
         """
         b, _, d = x.shape
         modulation = self.scale_shift_table[None] + c.modulation.reshape(b, 6, d)  # (B, 6, D)
@@ -261,12 +260,12 @@ class PixArtBlock(nnx.Module):
             self.attn, h, gate_msa, merger, state, grid, plans, cache, cache_weight)
         x = x + attn_branch
         # Cross-attention on the un-normalised tokens; its queries follow the attention plan.
-        cross = unmerge(attn_plan, self.cross_attn(merge(attn_plan, x), c.text, c.text_bias))
+        cross = cross_attention_branch(self.cross_attn, x, c.text, c.text_bias, attn_plan, cache, cache_weight)
         x = x + (cross if c.prompt_weight == 1.0 else c.prompt_weight * cross)
         h = modulate(layer_norm(x, self.norm_eps), shift_mlp, scale_mlp)
         mlp_out = mlp_branch(self.mlp, h, gate_mlp, mlp_plan, cache, cache_weight)
         x = x + mlp_out
-        return x, state, (attn_plan, mlp_plan), jnp.stack([attn_branch, mlp_out])
+        return x, state, (attn_plan, mlp_plan), jnp.stack([attn_branch, mlp_out, cross])
 
 
 class FinalLayer(nnx.Module):
@@ -287,6 +286,9 @@ _COND_SHAPES = {"text": "(B, L, caption_channels)", "text_mask": "(B, L)", "reso
 
 
 class PixArt(nnx.Module):
+    # Branch outputs per block in SDTM's protected-step cache: self-attention, MLP, cross-attention.
+    CACHED_BRANCHES = 3
+
     def __init__(self, config: PixArtConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         config.validate()
         self.config = config
@@ -365,10 +367,10 @@ class PixArt(nnx.Module):
         prompt_weight: float = 1.0,
     ):
         """The forward pass with a token-merging strategy -> (output, new merge state), and with
-        `return_branches` also every block's gated self-attention/MLP outputs (depth, 2, B, N, D).
+        `return_branches` also every block's branch outputs (depth, 3, B, N, D; see `PixArtBlock`).
 
         Same contract as `DiT.forward_merged`: block_stack (`self.stacked_blocks()`) runs the blocks
-        as one `lax.scan`; cache (depth, 2, B, N, D) and cache_weight blend merged tokens' outputs
+        as one `lax.scan`; cache (depth, 3, B, N, D) and cache_weight blend merged tokens' outputs
         with the last full-resolution step's branches.
         prompt_weight: a static Python float multiplying every cross-attention branch (SDTM's
         per-stage prompt reweighting); 1.0 is the model itself, bit for bit.

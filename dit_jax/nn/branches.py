@@ -1,13 +1,15 @@
 """A block's gated branches under merge plans, shared by the DiT and PixArt blocks.
 
 A branch is gate (B, D) * unmerge(plan, f(merge(plan, h))) for h (B, N, D): f is the
-self-attention (`attention_branch`, which also asks the merger for the block's plans) or the MLP
-(`mlp_branch`). With SDTM's protected-step cache (the official release's extras), merged tokens
-blend their output with the branch's output at the last full-resolution step
-(`sdtm.ops.blend_merged`). When they take the cache whole (cache_weight 0) and the plan merges
-whole windows (SSM), the merged windows' outputs would be thrown away, so they are never
-computed: the MLP runs on the lone slots only, and only the lone slots query in the attention
-(the merged windows stay keys and values).
+self-attention (`attention_branch`, which also asks the merger for the block's plans), the MLP
+(`mlp_branch`) or PixArt's ungated cross-attention to the caption (`cross_attention_branch`).
+With SDTM's protected-step cache (the official release's extras), merged tokens blend their
+output with the branch's output at the last full-resolution step (`sdtm.ops.blend_merged`;
+cache[0] self-attention, cache[1] MLP, cache[2] cross-attention). When they take the cache whole
+(cache_weight 0) and the plan merges whole windows (SSM), the merged windows' outputs would be
+thrown away, so they are never computed: the MLP and the cross-attention run on the lone slots
+only, and only the lone slots query in the self-attention (the merged windows stay its keys and
+values).
 """
 
 from __future__ import annotations
@@ -68,3 +70,15 @@ def mlp_branch(mlp, h, gate, plan, cache, cache_weight: float) -> jax.Array:
     if lone_slots_only(plan, cache, cache_weight):
         return apply_to_lone_tokens(plan, lambda tokens: gate[:, None] * mlp(tokens), h, cache[1])
     return gated_branch(gate, unmerge(plan, mlp(merge(plan, h))), plan, cache, 1, cache_weight)
+
+
+def cross_attention_branch(cross_attn, x, text, text_bias, plan, cache, cache_weight: float) -> jax.Array:
+    """PixArt's cross-attention branch (B, N, D): x's tokens (B, N, D) query the caption text
+    (B, L, D) under `plan` (the self-attention's; the caption is never merged), merged tokens
+    blended with the protected-step cache (cache[2]) as `gated_branch` does, without a gate.
+    When `lone_slots_only`, only the lone slots query (each query reads the same caption, so
+    this is `sdtm.ops.apply_to_lone_tokens`)."""
+    if lone_slots_only(plan, cache, cache_weight):
+        return apply_to_lone_tokens(plan, lambda tokens: cross_attn(tokens, text, text_bias), x, cache[2])
+    out = unmerge(plan, cross_attn(merge(plan, x), text, text_bias))
+    return out if cache is None else blend_merged(plan, out, cache[2], cache_weight)
