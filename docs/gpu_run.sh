@@ -68,6 +68,11 @@ bench sample512-b8 sample --variant "$VARIANT" $BENCH_EXTRA --image-size 512 --b
 bench fwd512 forward --variant "$VARIANT" $BENCH_EXTRA --image-size 512 --batch 8 --dtype bfloat16 --repeats "$REPEATS" \
   --strategies "baseline,ssm:0.5,idm:0.5,idm:ratio=0.5,merge_sum=matmul,tome:0.5,tome:ratio=0.5,merge_sum=matmul" \
   --torch --profile
+# 2b. (About 30 s.) Do slot counts that are not multiples of the kernels' tiles cost a whole tile? SSM at 640
+# slots (a multiple of 128) and 637; 514 (ratio 0.5) and 448; 385. If 637 costs what 640 does and
+# 514 more than its share, rounding the schedule's counts to aligned slot counts pays on a GPU.
+bench align512 forward --variant "$VARIANT" $BENCH_EXTRA --image-size 512 --batch 8 --dtype bfloat16 --repeats "$REPEATS" \
+  --strategies "baseline,ssm:0.375,ssm:0.3808,ssm:0.5,ssm:0.5625,ssm:0.625"
 # 3. PixArt at 1024 px (4,096 image tokens), 20 DPM-Solver++ steps with guidance, random weights and text
 # (sdtm-cached: the toy text model's quality-keeping setting; merged windows compute no branch on SSM steps).
 bench pixart1024 sample --variant "$PIXART" $BENCH_EXTRA --image-size "${PIXART_SIZE:-1024}" --batch 2 --dtype bfloat16 \
