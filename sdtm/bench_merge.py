@@ -124,8 +124,8 @@ def merge_one_hot(plan: MergePlan, x: jax.Array) -> jax.Array:
 def _time_all(calls: dict, reps: int) -> dict[str, float]:
     """Best wall time in ms of each (fn, *args) in `calls`, after a warm-up call each. The
     variants take turns, so a busy machine slows them alike, in a new random order every
-    round: a call right after `build` reads its input from a cold cache (in a fixed order the
-    same variant always did, and ran up to 1.7x slower here)."""
+    round: in a fixed order the variant right after `build` ran up to 1.7x slower here than the
+    same function later in the round (a cold cache, we think)."""
     for fn, *args in calls.values():
         jax.block_until_ready(fn(*args))
     best = dict.fromkeys(calls, float("inf"))
