@@ -63,7 +63,14 @@ def attention_branch(
     return gated_branch(gate, out, plans[0], cache, 0, cache_weight), plans, state
 
 
-def mlp_branch(mlp, h, gate, plan, cache, cache_weight: float) -> jax.Array:
+def mlp_branch(
+    mlp: nnx.Module,
+    h: jax.Array,  # (B, N, D)
+    gate: jax.Array,  # (B, D)
+    plan: MergePlan | None,
+    cache: jax.Array | None,  # (branches, B, N, D)
+    cache_weight: float,
+) -> jax.Array:
     """A block's gated MLP branch under a merge plan: gate (B, D) * unmerge(mlp(merge(h (B, N, D)))),
     merged tokens blended with the protected-step cache (cache[1]) as `gated_branch` does; when
     `lone_slots_only`, the MLP runs on the lone slots only (`sdtm.ops.apply_to_lone_tokens`)."""
@@ -72,7 +79,15 @@ def mlp_branch(mlp, h, gate, plan, cache, cache_weight: float) -> jax.Array:
     return gated_branch(gate, unmerge(plan, mlp(merge(plan, h))), plan, cache, 1, cache_weight)
 
 
-def cross_attention_branch(cross_attn, x, text, text_bias, plan, cache, cache_weight: float) -> jax.Array:
+def cross_attention_branch(
+    cross_attn: nnx.Module,
+    x: jax.Array,  # (B, N, D) queries
+    text: jax.Array,  # (B, L, D) keys and values
+    text_bias: jax.Array,  # broadcastable to (B, heads, N, L)
+    plan: MergePlan | None,
+    cache: jax.Array | None,  # (3, B, N, D)
+    cache_weight: float,
+) -> jax.Array:
     """PixArt's cross-attention branch (B, N, D): x's tokens (B, N, D) query the caption text
     (B, L, D) under `plan` (the self-attention's; the caption is never merged), merged tokens
     blended with the protected-step cache (cache[2]) as `gated_branch` does, without a gate.
