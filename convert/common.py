@@ -80,6 +80,35 @@ def output_taken(out: Path, force: bool) -> bool:
     return False
 
 
+class ArraySpill:
+    """Parks converted arrays in files under `directory` and hands back read-only memory maps of
+    them, so a converter's output need not fit in memory: the 4.7B-parameter T5-XXL is 8.9 GiB in
+    bfloat16, more than a free Colab machine's RAM once the process's own share is added. The
+    pages of a memory map are the kernel's to drop and reread, so saving the bundle afterwards
+    reads them back from disk instead of holding them all. The caller removes `directory`.
+
+        spill = ArraySpill(tmp_dir)
+        kept = spill(np.ones((4, 4), np.float32))   # an np.memmap with the same values
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.count = 0
+
+    def __call__(self, array: np.ndarray) -> np.ndarray:
+        array = np.asarray(array)
+        if array.size == 0:
+            return array  # a memory map cannot be empty
+        path = self.directory / f"{self.count:06d}.bin"
+        self.count += 1
+        target = np.memmap(path, dtype=array.dtype, mode="w+", shape=array.shape)
+        target[...] = array
+        target.flush()
+        del target
+        return np.memmap(path, dtype=array.dtype, mode="r", shape=array.shape)
+
+
 def check_state_dict(
     source: str,
     got: Mapping[str, tuple[int, ...]],

@@ -5,17 +5,20 @@
         --text-encoder PixArt-alpha/text_encoder --tokenizer PixArt-alpha/tokenizer --vae sdxl-vae/
 
 The bundle holds the transformer, the T5 encoder, the VAE and the tokenizer's own files. Tensors
-are converted one at a time (T5-XXL is 4.7 B parameters): peak memory is the output tree plus one
-tensor. The text encoder is stored in bfloat16 by default (9.5 GB instead of 19 GB), the
-transformer and VAE in float32; `load(path, dtype=jnp.bfloat16)` gives a 16 GB GPU the whole
-pipeline. Nothing is written unless everything converts.
+are converted one at a time (T5-XXL is 4.7 B parameters), and the converted T5 waits on disk, in
+a folder beside OUT that is removed at the end, until the bundle is saved: the process's memory
+is the transformer and VAE trees plus a few tensors. The text encoder is stored in bfloat16 by
+default (8.9 GiB instead of 17.7 GiB), the transformer and VAE in float32. Nothing is written
+unless everything converts.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +26,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from convert.common import DIFFUSERS_WEIGHT_FILES, ConversionError, open_weights_dir, output_taken
+from convert.common import DIFFUSERS_WEIGHT_FILES, ArraySpill, ConversionError, open_weights_dir, output_taken
 from convert.pixart_transformer import convert_pixart_transformer, infer_pixart_config
 from convert.t5 import convert_t5, read_t5_dir
 
@@ -71,8 +74,9 @@ def text_length(args: argparse.Namespace) -> int | None:
     return None
 
 
-def convert_pixart(args: argparse.Namespace, log=print):
-    """Read and convert every component -> the Weights bundle (nothing written yet)."""
+def convert_pixart(args: argparse.Namespace, log=print, store=None):
+    """Read and convert every component -> the Weights bundle (nothing written yet). store: where
+    the T5 encoder's converted arrays are kept (see `convert.t5.convert_t5`; None: in memory)."""
     from dit_jax.tokenizer import Tokenizer
     from dit_jax.weights import BundleConfig, Weights
 
@@ -104,7 +108,7 @@ def convert_pixart(args: argparse.Namespace, log=print):
         )
     log(f"text encoder: T5 with {t5_cfg.num_layers} layers, width {t5_cfg.d_model}, stored {args.text_encoder_dtype}")
     text_encoder = convert_t5(t5_get, t5_shapes, t5_cfg, DTYPES[args.text_encoder_dtype],
-                              source=str(parts["text_encoder"]))
+                              source=str(parts["text_encoder"]), store=store)
 
     tokenizer = Tokenizer.from_dir(parts["tokenizer"])  # fails here, not at sampling time, if unreadable
     log(f"tokenizer: {tokenizer.source} ({tokenizer.backend})")
@@ -144,16 +148,20 @@ def main(argv: list[str] | None = None) -> int:
     if output_taken(out, args.force):
         return 2
     start = time.perf_counter()
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    spill = Path(tempfile.mkdtemp(prefix=f".{out.name}.arrays.", dir=out.absolute().parent))
     try:
-        weights, notes = convert_pixart(args)
+        weights, notes = convert_pixart(args, store=ArraySpill(spill))
         for note in notes:
             print(f"note: {note}")
         save(weights, out, force=args.force)
+        counts = {name: sum(np.size(a) for a in jax.tree.leaves(getattr(weights, name)))
+                  for name in ("dit", "text_encoder", "vae")}
     except (ConversionError, ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    counts = {name: sum(np.size(a) for a in jax.tree.leaves(getattr(weights, name)))
-              for name in ("dit", "text_encoder", "vae")}
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
     print(f"wrote {out}: transformer {counts['dit']:,}, text encoder {counts['text_encoder']:,}, "
           f"VAE {counts['vae']:,} numbers, in {time.perf_counter() - start:.1f}s")
     return 0

@@ -7,14 +7,15 @@ checkpoint's `text_encoder/` directory:
     params = convert_t5(get_tensor, keys_and_shapes, cfg, ml_dtypes.bfloat16, source="text_encoder")
 
 Tensors are read, cast and transposed one at a time, so the 4.7B-parameter T5-XXL is never held
-twice: peak memory is the output tree plus one float32 tensor.
+twice: peak memory is the output tree plus one float32 tensor, or one tensor alone when `store`
+parks each converted array on disk (`convert.common.ArraySpill`, what `convert.pixart` does).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import ml_dtypes
@@ -57,6 +58,7 @@ def convert_t5(
     dtype=np.float32,
     *,
     source: str = "T5 checkpoint",
+    store: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict:
     """Build `nnx.to_pure_dict(nnx.state(T5Encoder(cfg, dtype=dtype)))`'s tree from a state dict.
 
@@ -65,7 +67,8 @@ def convert_t5(
     first (every missing, unexpected and mismatched key named, `source` in the message); of the
     tied pair shared.weight / encoder.embed_tokens.weight one suffices (shared.weight is read when
     both are there). dtype: float32 or bfloat16 (np.float32, ml_dtypes.bfloat16, jnp.bfloat16).
-    Returns NumPy arrays of `dtype`.
+    store(array) -> array keeps each converted array (e.g. `convert.common.ArraySpill`, which
+    parks it in a file); None keeps it in memory. Returns NumPy arrays of `dtype`.
     """
     dtype = np.dtype(dtype)
     if dtype not in (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16)):
@@ -79,11 +82,16 @@ def convert_t5(
     required = {k: s for k, s in expected.items() if k not in _TIED or k in present or k == embedding_key}
     check_state_dict(source, got, required)
 
-    def read(key: str) -> np.ndarray:
+    keep = store or (lambda array: array)
+
+    def cast(key: str) -> np.ndarray:
         return np.asarray(get_tensor(key)).astype(dtype, copy=False)
 
+    def read(key: str) -> np.ndarray:
+        return keep(cast(key))
+
     def kernel(key: str) -> dict:
-        return {"kernel": torch_linear(read(key))}  # cast first: the transpose copies half the bytes in bf16
+        return {"kernel": keep(torch_linear(cast(key)))}  # cast first: the transpose copies half the bytes in bf16
 
     wi = ("wi_0", "wi_1") if cfg.is_gated else ("wi",)
     blocks = {}

@@ -71,6 +71,20 @@ def test_text_condition_is_the_pipelines_prompt_embedding(converted):
     assert relative_error(uncond["text"], neg_embeds[:1].numpy()) < TOL
 
 
+def test_sampling_without_the_text_encoder_after_encoding(converted):
+    """The memory-saving route the README gives: encode the prompts, drop the T5 (most of the
+    bundle), sample from the embeddings. Same latents as sampling from the text."""
+    import dataclasses
+
+    _, bundle = converted
+    weights = load(bundle)
+    cond, uncond = text_condition(weights, PROMPTS, "")
+    lean = dataclasses.replace(weights, text_encoder=None)
+    common = dict(steps=3, seed=2, output="latents")
+    np.testing.assert_array_equal(np.asarray(sample(lean, cond, negative_prompt=uncond, **common)),
+                                  np.asarray(sample(weights, PROMPTS, **common)))
+
+
 def test_merging_runs_through_sample(converted):
     _, bundle = converted
     weights = load(bundle)
@@ -149,6 +163,13 @@ def test_missing_component_and_existing_output(converted, tmp_path, capsys):
     out = tmp_path / "out"
     assert convert_pixart.main([str(out), "--pipeline", str(partial)]) == 1
     assert "vae" in capsys.readouterr().err and not out.exists()
+    # A VAE folder without weights fails after the T5 is converted (and parked on disk): nothing is left.
+    (partial / "vae").mkdir()
+    shutil.copy(pipeline / "vae" / "config.json", partial / "vae")
+    assert convert_pixart.main([str(out), "--pipeline", str(partial)]) == 1
+    assert "no weights" in capsys.readouterr().err and not out.exists()
+    assert not list(tmp_path.glob(".out.*"))  # neither the staging folder nor the parked arrays
+    assert not list(bundle.parent.glob(".bundle.*"))  # a conversion that worked removed them too
     assert convert_pixart.main([str(bundle), "--pipeline", str(pipeline)]) == 2
     assert "exists" in capsys.readouterr().err
 

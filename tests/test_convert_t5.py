@@ -11,7 +11,7 @@ import transformers
 from safetensors.numpy import save_file
 from test_t5 import TINY, TINY_RELU, encoder_fn, hf_encoder, padded_batch, reference, relative_error
 
-from convert.common import ConversionError
+from convert.common import ArraySpill, ConversionError
 from convert.t5 import convert_t5, read_t5_dir, t5_expected_shapes
 
 
@@ -64,6 +64,16 @@ def test_safetensors_directory_converts_and_matches(tmp_path, model, state_dict)
     _assert_trees_equal(params, _from_memory(state_dict))
     ids, mask = padded_batch(TINY, [12, 6], 12)
     assert relative_error(encoder_fn(TINY, params)(ids, mask), reference(model, ids, mask)) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=["float32", "bfloat16"])
+def test_store_parks_every_array_on_disk(tmp_path, state_dict, dtype):
+    spill = ArraySpill(tmp_path / "spill")
+    params = convert_t5(state_dict.__getitem__, {k: v.shape for k, v in state_dict.items()}, TINY, dtype, store=spill)
+    leaves = jax.tree.leaves(params)
+    assert all(isinstance(a, np.memmap) and not a.flags.writeable for a in leaves)
+    assert spill.count == len(leaves) == len(list((tmp_path / "spill").iterdir()))
+    _assert_trees_equal(params, _from_memory(state_dict, dtype))
 
 
 def test_sharded_safetensors_directory(tmp_path, model, state_dict):

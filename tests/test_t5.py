@@ -149,6 +149,21 @@ def test_xxl_parameter_count_and_dtype():
     assert {a.dtype for a in leaves} == {jnp.dtype(jnp.bfloat16)}
 
 
+def test_bfloat16_encoder_needs_no_float32_copy_of_its_weights():
+    """XLA's CPU backend computes bfloat16 matmuls in float32; a bf16-output projection made it
+    convert every weight matrix first and keep them all (1 GB of temporaries for these two XXL
+    blocks, 12 GB for the 24 of T5-XXL). With float32 outputs it multiplies the bf16 weights as
+    they are: the temporaries are the activations."""
+    import dataclasses
+
+    cfg = dataclasses.replace(T5_V1_1_XXL, num_layers=2)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: T5Encoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)))
+    ids = jax.ShapeDtypeStruct((2, 120), jnp.int32)
+    encode = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids, ids))
+    memory = encode.lower(state, ids).compile().memory_analysis()
+    assert memory.temp_size_in_bytes < 100 * 2**20, memory.temp_size_in_bytes / 2**20  # one q kernel in f32: 64 MiB
+
+
 # google/t5-v1_1-xxl's config.json (the decoder's and generation's fields included, no max distance).
 XXL_CONFIG_JSON = {
     "architectures": ["T5ForConditionalGeneration"], "d_ff": 10240, "d_kv": 64, "d_model": 4096,

@@ -29,9 +29,14 @@ def test_round_trip_is_exact(tmp_path):
 
 
 def test_load_bfloat16(tmp_path):
+    """Each array is read into bfloat16 (rounded as astype rounds) and onto the default device."""
     save(_weights(), tmp_path / "w")
     w = load(tmp_path / "w", dtype=jnp.bfloat16)
     assert {a.dtype for a in jax.tree.leaves(w)} == {jnp.dtype(jnp.bfloat16)}
+    for a, b in zip(jax.tree.leaves(w), jax.tree.leaves(_weights())):
+        assert isinstance(a, jax.Array) and a.devices() == {jax.local_devices()[0]}
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b).astype(jnp.bfloat16))
+    assert {a.dtype for a in jax.tree.leaves(load(tmp_path / "w", dtype=None))} == {jnp.dtype(jnp.float32)}
     out = dit_module(w)(jnp.ones((1, 16, 16, 4), jnp.bfloat16), jnp.ones(1), jnp.ones(1, jnp.int32))
     assert out.dtype == jnp.bfloat16 and bool(jnp.isfinite(out.astype(jnp.float32)).all())
 
