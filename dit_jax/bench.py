@@ -101,6 +101,8 @@ class Result:
             "token_share_mlp": round(case.mlp_share, 4),
             "flops": case.flops,
             "xla_flops": case.xla_flops,
+            # XLA's buffer assignment: device memory the call needs beside its arguments (weights).
+            "temp_bytes": None if case.compiled is None else _temp_bytes(case.compiled),
             "achieved_flops_per_s": achieved,
             "share_of_peak": None if peak is None else achieved / peak,
         }
@@ -285,6 +287,14 @@ def _xla_flops(compiled) -> float | None:
             analysis = analysis[0]
         return float(analysis["flops"]) if analysis and "flops" in analysis else None
     except Exception:  # not every backend has a cost model
+        return None
+
+
+def _temp_bytes(compiled) -> int | None:
+    """Temporaries of a compiled call, from XLA's memory analysis (None where it has none)."""
+    try:
+        return int(compiled.memory_analysis().temp_size_in_bytes)
+    except Exception:  # not every backend analyses memory
         return None
 
 

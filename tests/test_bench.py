@@ -13,7 +13,7 @@ from dit_jax.bench import device_peak, main, parse_strategy, split_strategies
 TINY = ["--variant", "DiT-S/2", "--input-size", "8", "--depth", "1", "--batch", "2", "--repeats", "2",
         "--compile-rounds", "2"]
 FIELDS = {"strategy", "compile_s", "compile_times_s", "fusions", "loop_ops", "median_s", "min_s", "max_s", "speedup", "token_share_attn", "token_share_mlp",
-          "flops", "xla_flops", "achieved_flops_per_s", "share_of_peak"}
+          "flops", "xla_flops", "temp_bytes", "achieved_flops_per_s", "share_of_peak"}
 
 
 @pytest.mark.parametrize("mode,strategies", [
@@ -39,6 +39,7 @@ def test_bench_runs_and_writes_every_field(tmp_path, capsys, mode, strategies):
         assert data["results"][1]["token_share_mlp"] < 1.0
         # Merging adds plan, merge and unmerge kernels to what XLA compiles.
         assert data["results"][1]["fusions"] > data["results"][0]["fusions"] > 0
+    assert all(r["temp_bytes"] > 0 for r in data["results"])  # XLA's memory analysis on CPU
     # Ops per loop iteration, one entry per loop XLA kept (it unrolls loops of one iteration).
     assert all(isinstance(r["loop_ops"], list) for r in data["results"])
     if mode == "sample":
