@@ -281,8 +281,9 @@ def load(path: str | os.PathLike | None = None, *, dtype=jnp.float32) -> Weights
 
     dtype: floating-point parameters (and so compute) in this dtype: float32 by default,
     `jnp.bfloat16` on accelerators; None keeps what is on disk (the shipped model is stored bf16).
-    Each array is read, cast to `dtype` and put on the default device one at a time, so the host
-    never holds the whole bundle (a GPU run needs host memory for a few arrays, not for the model).
+    Each array is read, cast to `dtype` and put on the default device (`jax.default_device`
+    where one is set, else the first local device) one at a time, so the host never holds the
+    whole bundle (a GPU run needs host memory for a few arrays, not for the model).
     """
     import orbax.checkpoint as ocp
 
@@ -302,7 +303,9 @@ def load(path: str | os.PathLike | None = None, *, dtype=jnp.float32) -> Weights
     )
     if config.text_encoder is not None and config.tokenizer_dir is None:
         raise FileNotFoundError(f"{path} has a text encoder but no {TOKENIZER_DIR}/ folder: convert it again")
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    default = jax.config.jax_default_device  # a Device, a platform name or None
+    device = default if isinstance(default, jax.Device) else jax.local_devices(backend=default)[0]
+    device = jax.sharding.SingleDeviceSharding(device)
 
     def target(meta):  # what to read each stored array into
         floating = dtype is not None and jnp.issubdtype(meta.dtype, jnp.floating)

@@ -67,6 +67,8 @@ try:
     sample(weights, labels[:6], mesh=mesh4, **cases["baseline"], **common)
 except ValueError as e:
     report["mesh4_error"] = str(e)
+with jax.default_device(jax.devices()[5]):
+    report["loaded_on"] = sorted({d.id for a in jax.tree.leaves(load(bundle)) for d in a.devices()})
 print(json.dumps(report))
 """
 
@@ -147,6 +149,11 @@ def test_explicit_mesh(sharded, one_device):
     assert report["mesh4_error"] == (
         "6 image(s) do not split over the 4 devices of the mesh's 'data' axis: use a multiple of 4 images, or mesh=None"
     )
+
+
+def test_load_puts_the_weights_on_the_default_device(sharded):
+    report, _ = sharded
+    assert report["loaded_on"] == [5]  # under jax.default_device(device 5), not device 0
 
 
 def test_mesh_without_data_axis_is_refused(bundle):
