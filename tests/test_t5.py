@@ -152,7 +152,7 @@ def test_xxl_parameter_count_and_dtype():
 def test_bfloat16_encoder_needs_no_float32_copy_of_its_weights():
     """XLA's CPU backend computes bfloat16 matmuls in float32; a bf16-output projection made it
     convert every weight matrix first and keep them all (1 GB of temporaries for these two XXL
-    blocks, 12 GB for the 24 of T5-XXL). With float32 outputs it multiplies the bf16 weights as
+    blocks, 12 GiB for the 24 of T5-XXL). With float32 outputs it multiplies the bf16 weights as
     they are: the temporaries are the activations."""
     import dataclasses
 

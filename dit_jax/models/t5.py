@@ -179,7 +179,7 @@ def _linear(din: int, dout: int, rngs: nnx.Rngs, dtype) -> nnx.Linear:
     """A bias-free projection that sums in float32 and returns float32 (the caller rounds to the
     parameters' dtype where it wants). Asking for float32 sums also keeps XLA's CPU backend from
     converting each bfloat16 weight matrix to float32 before multiplying, which for T5-XXL held
-    12 GB of converted weights at once."""
+    12 GiB of converted weights at once."""
     return nnx.Linear(
         din, dout, use_bias=False, rngs=rngs, dtype=dtype, param_dtype=dtype, preferred_element_type=jnp.float32
     )
