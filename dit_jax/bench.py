@@ -27,15 +27,19 @@ import dataclasses
 import functools
 import json
 import platform
+import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax
 from flax import nnx
 
 import sdtm as sdtm_lib
@@ -516,6 +520,25 @@ def run_cases(cases: list[Case], repeats: int, warmup: int = 1) -> list[Result]:
     return results
 
 
+def software_versions() -> dict[str, str]:
+    """jaxlib, flax and numpy, and torch when this process imported it (--torch)."""
+    found = {"jaxlib": jax.lib.__version__, "flax": flax.__version__, "numpy": np.__version__}
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        found["torch"] = torch.__version__
+    return found
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (with -dirty for uncommitted changes), or None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
 def print_profiles(rows: list[dict]) -> None:
     """Op time per call by region (dit_jax.profiling), ms and share of the profiled total."""
     names = (*REGIONS, OTHER)
@@ -603,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
         "sampler": args.sampler if args.mode == "sample" else None, "cfg": args.cfg, "repeats": args.repeats,
         "device": f"{device.platform}:{device.device_kind}", "jax": jax.__version__, "host": platform.node(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": "python -m dit_jax.bench " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "versions": software_versions(), "commit": git_commit(),
     }
     rows = [r.row(peak) for r in results]
     print(f"# {args.mode} {args.variant} {cfg.num_tokens} tokens, batch {args.batch}, {args.dtype}, "

@@ -6,7 +6,8 @@
 # made here first: pip download --no-deps -d .whl diffusers==0.42.1 orbax-checkpoint==0.12.8
 # TRAIN_SECONDS>0 also trains the embedded default (then .data/fashion-mnist/ must come too).
 # A CPU dry run: VARIANT=DiT-S/2 PIXART=PixArt-alpha-XL/2-256 PIXART_SIZE=256 BENCH_EXTRA="--depth 1" REPEATS=2 \
-#   SAMPLE_REPEATS=1 BATCHES=1 MERGE_TOKENS=256 BUDGET=3000 bash docs/gpu_run.sh
+#   SAMPLE_REPEATS=1 BATCHES=1 MERGE_TOKENS=256 BUDGET=3000 \
+#   CARD_MEMORY_EXTRA="--sizes 256 --t5-layers 1 --depth 1 --steps 2" bash docs/gpu_run.sh
 # Everything after the set-up shares BUDGET seconds (default 480), most important first; what
 # does not fit is skipped, and the table of what ran prints last.
 set -uo pipefail
@@ -80,6 +81,16 @@ bench align512 forward --variant "$VARIANT" $BENCH_EXTRA --image-size 512 --batc
 bench pixart1024 sample --variant "$PIXART" $BENCH_EXTRA --image-size "${PIXART_SIZE:-1024}" --batch 2 --dtype bfloat16 \
   --strategies "${PIXART_SAMPLE:-baseline,sdtm,sdtm:protect_every=3,cache_weight=0.0,switch_step=0.7,tome:0.5}" \
   --steps 20 --repeats "${SAMPLE_REPEATS:-3}"
+# 3b. (About 1-2 min.) Issue 7's 16 GB question: the whole PixArt-alpha pipeline (T5-XXL, XL/2, VAE; random
+# bf16 weights made on the card) sampling one image at 512 and 1024 px, the allocator's peak after each stage,
+# for the README's two routes (encode-then-drop, and the T5 kept on the card). Without preallocation.
+left=$(( BUDGET - ($(date +%s) - bench_start) ))
+if [ "$left" -ge 90 ]; then
+  stamp "card_memory (at most 150s)"
+  timeout 160 python3 docs/card_memory.py --timeout 150 ${CARD_MEMORY_EXTRA:-} 2>&1 | grep -v Warning | tee "$OUT/card_memory.log"
+else
+  stamp "skip card_memory: the budget is spent"
+fi
 # 4. The plans' kernels and the merge op's implementations side by side on the card
 # (sdtm.bench_merge: "plan ops" the kernels a plan launches; "offsets" is sdtm.merge, "scatter"
 # its scatter-add, "matmul" the scatter-free sum of merge_sum="matmul"; segment sum, one-hot
@@ -98,5 +109,7 @@ for batch in ${BATCHES:-1 32}; do
     --strategies "baseline,sdtm,sdtm:max_phases=2" --steps 20 --repeats "${SAMPLE_REPEATS:-3}"
 done
 stamp "done"
+python3 -m dit_jax.bench_report "$OUT"/bench-*.json > "$OUT/tables.md" 2>&1  # the markdown tables for docs/benchmarks.md
 grep -E "^#|^[a-z]" "$OUT/bench.log" | grep -v "^wrote"
 cat "$OUT/bench_merge.log" 2>/dev/null
+cat "$OUT/card_memory.log" 2>/dev/null
