@@ -43,11 +43,17 @@ if [ "$TRAIN_SECONDS" -gt 0 ]; then
 fi
 
 BUDGET=${BUDGET:-480}  # seconds for everything below; the device call's limit is 600 s
+# ONLY: the steps to run, by name (default: all), e.g. a second call on the warm machine for what the
+# first one's budget skipped: ONLY="card_memory bench_merge fwd256 sample512-b1 sample512-b32".
+# Names: sample512-b8 fwd512 align512 pixart1024 card_memory bench_merge fwd256 sample512-b1 sample512-b32.
+ONLY=${ONLY:-}
+wanted() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]] || { stamp "skip $1: not in ONLY"; return 1; }; }
 bench_start=$(date +%s)
 bench() {  # name, then bench arguments. Runs only while the budget lasts, and at most 240 s or
   # what is left of it, so the table at the end always prints. One compile per strategy unless
   # the call asks for more rounds.
   local name=$1; shift
+  wanted "$name" || return
   local left=$(( BUDGET - ($(date +%s) - bench_start) ))
   [ "$left" -gt 240 ] && left=240
   if [ "$left" -lt 30 ]; then stamp "skip $name: the budget is spent"; return; fi
@@ -85,7 +91,8 @@ bench pixart1024 sample --variant "$PIXART" $BENCH_EXTRA --image-size "${PIXART_
 # bf16 weights made on the card) sampling one image at 512 and 1024 px, the allocator's peak after each stage,
 # for the README's two routes (encode-then-drop, and the T5 kept on the card). Without preallocation.
 left=$(( BUDGET - ($(date +%s) - bench_start) ))
-if [ "$left" -ge 90 ]; then
+if ! wanted card_memory; then :
+elif [ "$left" -ge 90 ]; then
   stamp "card_memory (at most 150s)"
   timeout 160 python3 docs/card_memory.py --timeout 150 ${CARD_MEMORY_EXTRA:-} 2>&1 | grep -v Warning | tee "$OUT/card_memory.log"
 else
@@ -96,7 +103,8 @@ fi
 # its scatter-add, "matmul" the scatter-free sum of merge_sum="matmul"; segment sum, one-hot
 # matmul, ...), at DiT-XL/2's 1024 tokens, 16 rows (batch 8 + guidance).
 left=$(( BUDGET - ($(date +%s) - bench_start) ))
-if [ "$left" -ge 60 ]; then
+if ! wanted bench_merge; then :
+elif [ "$left" -ge 60 ]; then
   stamp "bench_merge"
   timeout 60 python3 -m sdtm.bench_merge --tokens ${MERGE_TOKENS:-1024} --batch 16 --channels 1152 --dtype bfloat16 \
     --reps 20 2>&1 | grep -v Warning | tee "$OUT/bench_merge.log"
@@ -110,6 +118,6 @@ for batch in ${BATCHES:-1 32}; do
 done
 stamp "done"
 python3 -m dit_jax.bench_report "$OUT"/bench-*.json > "$OUT/tables.md" 2>&1  # the markdown tables for docs/benchmarks.md
-grep -E "^#|^[a-z]" "$OUT/bench.log" | grep -v "^wrote"
+[ -f "$OUT/bench.log" ] && grep -E "^#|^[a-z]" "$OUT/bench.log" | grep -v "^wrote"
 cat "$OUT/bench_merge.log" 2>/dev/null
 cat "$OUT/card_memory.log" 2>/dev/null
