@@ -81,10 +81,10 @@ def test_offline_cells_run(notebook, monkeypatch, capsys):
 
     assert namespace["QUICK"] is True
     rows, names = namespace["rows"], list(namespace["timings"])
-    assert names == ["baseline", "SDTM", "ToMe 0.5"] and len(rows) == 3
+    assert names == ["baseline", "SDTM", "SDTM protected", "ToMe 0.5"] and len(rows) == 4
     assert all(row.shape == (4, 32, 32, 1) and row.dtype == np.uint8 for row in rows)
-    assert not np.array_equal(rows[0], rows[2])  # merging changed something
+    assert not np.array_equal(rows[0], rows[3])  # merging changed something
     grid, dresses = shown[0], shown[1]
-    assert grid.size == (4 * 32 * 3, 3 * 32 * 3) and dresses.size == (4 * 32 * 3, 32 * 3)  # upscaled 3x
+    assert grid.size == (4 * 32 * 3, 4 * 32 * 3) and dresses.size == (4 * 32 * 3, 32 * 3)  # upscaled 3x
     printed = capsys.readouterr().out
     assert "first call" in printed and "x the baseline's speed" in printed
