@@ -522,7 +522,9 @@ def run_cases(cases: list[Case], repeats: int, warmup: int = 1) -> list[Result]:
 
 def software_versions() -> dict[str, str]:
     """jaxlib, flax and numpy, and torch when this process imported it (--torch)."""
-    found = {"jaxlib": jax.lib.__version__, "flax": flax.__version__, "numpy": np.__version__}
+    import jaxlib
+
+    found = {"jaxlib": jaxlib.__version__, "flax": flax.__version__, "numpy": np.__version__}
     torch = sys.modules.get("torch")
     if torch is not None:
         found["torch"] = torch.__version__
@@ -563,7 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--input-size", type=int, help="latent side directly (overrides --image-size)")
     ap.add_argument("--depth", type=int, help="override the variant's depth (tiny smoke runs)")
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="float16: GPUs without bfloat16 tensor cores (T4, V100)")
     ap.add_argument("--strategies", default="baseline,sdtm,tome:0.5",
                     help="comma-separated, baseline first: baseline, sdtm[:RATIO], tome[:RATIO], ssm:RATIO, idm:RATIO, "
                     "sdtm|ssm|idm:key=value,... (SDTMConfig fields), tome:key=value,...; suffixes *EVERY, /ATTENTION, +unrolled")
@@ -605,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--torch compares one forward pass: use it with the forward mode")
         if args.torch and not isinstance(cfg, DiTConfig):
             raise ValueError("--torch compares with diffusers' DiT: it takes DiT variants only")
-        dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+        dtype = jnp.dtype(args.dtype)
         if args.compile_cache:
             use_compilation_cache(args.compile_cache)
         weights = random_weights(cfg, dtype)
@@ -618,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     results = run_cases(cases, args.repeats)
-    peak = device_peak() if args.dtype == "bfloat16" else None
+    peak = device_peak() if args.dtype != "float32" else None  # dense fp16 peaks equal bf16's on these cards
     device = jax.devices()[0]
     header = {
         "mode": args.mode, "variant": args.variant, "input_size": cfg.input_size, "tokens": cfg.num_tokens,

@@ -182,7 +182,7 @@ def _run(weights: Weights, x_T, cond, cfg_scale, key, plan: SamplingPlan):
         return _to_uint8(latents)
     vae = vae_module(weights)
     scale = weights.config.vae.scaling_factor
-    return _to_uint8(vae.decode((latents / scale).astype(weights.dtype)))
+    return _to_uint8(vae.decode((latents / scale).astype(jax.tree.leaves(weights.vae)[0].dtype)))
 
 
 def _report_step(i, total):

@@ -92,7 +92,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--tome", type=float, metavar="RATIO", help="add a row with ToMe merging this fraction")
     ap.add_argument("--no-baseline", action="store_true", help="skip the baseline row")
     ap.add_argument("--compile-cache", metavar="DIR", help="persistent compilation cache folder (reused across runs)")
-    ap.add_argument("--bf16", action="store_true", help="bfloat16 weights and compute (accelerators)")
+    precision = ap.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", action="store_true", help="bfloat16 weights and compute (accelerators)")
+    precision.add_argument("--fp16", action="store_true",
+                           help="float16 (GPUs without bfloat16 tensor cores: T4, V100; T5 stays bf16, the VAE float32)")
     ap.add_argument("--out", default="samples.png", help="PNG file to write")
     return ap
 
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         methods = _methods(args)
         if args.compile_cache:
             use_compilation_cache(args.compile_cache)
-        weights = load(args.weights, dtype=jnp.bfloat16 if args.bf16 else None)
+        weights = load(args.weights, dtype=jnp.bfloat16 if args.bf16 else jnp.float16 if args.fp16 else None)
         names = weights.config.class_names
         prompts: list = list(args.prompts)
         if len(prompts) == 1 and args.num_images:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dit_jax.devices import auto_dtype
 from dit_jax.models.dit import DiT, DiTConfig
 
 FORMAT_VERSION = 1
@@ -207,18 +208,28 @@ def init_dit_params(config: DiTConfig, seed: int = 0, dtype=jnp.float32) -> dict
     return nnx.to_pure_dict(nnx.state(DiT(config, rngs=nnx.Rngs(seed), dtype=dtype)))
 
 
+def component_dtype(component: str, dtype):
+    """The dtype `load` and `cast` give a bundle's component ("dit", "vae" or "text_encoder")
+    when `dtype` is asked for: `dtype` itself, except float16, the type of GPUs without bfloat16
+    tensor cores (a T4, a V100), where the T5 encoder stays bfloat16 (T5 v1.1 overflows float16's
+    range; transformers keeps parts of it in float32 for that) and the VAE float32 (SDXL's VAE
+    overflows float16 too, and a VAE is small). None stays None (what is stored)."""
+    if dtype is not None and jnp.dtype(dtype) == jnp.float16:
+        return {"text_encoder": jnp.bfloat16, "vae": jnp.float32}.get(component, dtype)
+    return dtype
+
+
 def cast(weights: Weights, dtype) -> Weights:
-    """Floating-point leaves cast to `dtype` (integer leaves untouched)."""
+    """Floating-point leaves cast to `dtype` (integer leaves untouched; float16: see `component_dtype`)."""
 
-    def one(a):
-        return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+    def one(component: str, tree):
+        if tree is None:
+            return None
+        to = component_dtype(component, dtype)
+        return jax.tree.map(lambda a: a.astype(to) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
-    return dataclasses.replace(
-        weights,
-        dit=jax.tree.map(one, weights.dit),
-        vae=None if weights.vae is None else jax.tree.map(one, weights.vae),
-        text_encoder=None if weights.text_encoder is None else jax.tree.map(one, weights.text_encoder),
-    )
+    return dataclasses.replace(weights, dit=one("dit", weights.dit), vae=one("vae", weights.vae),
+                               text_encoder=one("text_encoder", weights.text_encoder))
 
 
 def _string_keys(tree):
@@ -280,7 +291,10 @@ def load(path: str | os.PathLike | None = None, *, dtype=jnp.float32) -> Weights
     """Read a bundle directory (default: the model shipped in the package).
 
     dtype: floating-point parameters (and so compute) in this dtype: float32 by default,
-    `jnp.bfloat16` on accelerators; None keeps what is on disk (the shipped model is stored bf16).
+    `jnp.bfloat16` on accelerators, `jnp.float16` on GPUs without bfloat16 tensor cores (T4,
+    V100; the T5 encoder then stays bfloat16 and the VAE float32, see `component_dtype`);
+    "auto" picks one of those for the device (`dit_jax.devices.auto_dtype`); None keeps what is
+    on disk (the shipped model is stored bf16).
     Each array is read, cast to `dtype` and put on the default device (`jax.default_device`
     where one is set, else the first local device) one at a time, so the host never holds the
     whole bundle (a GPU run needs host memory for a few arrays, not for the model).
@@ -305,13 +319,16 @@ def load(path: str | os.PathLike | None = None, *, dtype=jnp.float32) -> Weights
         raise FileNotFoundError(f"{path} has a text encoder but no {TOKENIZER_DIR}/ folder: convert it again")
     default = jax.config.jax_default_device  # a Device, a platform name or None
     device = default if isinstance(default, jax.Device) else jax.local_devices(backend=default)[0]
+    if isinstance(dtype, str) and dtype == "auto":
+        dtype = auto_dtype(device)
     device = jax.sharding.SingleDeviceSharding(device)
 
-    def target(meta):  # what to read each stored array into
-        floating = dtype is not None and jnp.issubdtype(meta.dtype, jnp.floating)
-        return jax.ShapeDtypeStruct(meta.shape, dtype if floating else meta.dtype, sharding=device)
+    def target(path, meta):  # what to read each stored array into
+        to = component_dtype(path[0].key, dtype)
+        floating = to is not None and jnp.issubdtype(meta.dtype, jnp.floating)
+        return jax.ShapeDtypeStruct(meta.shape, to if floating else meta.dtype, sharding=device)
 
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
         stored = ckptr.metadata(path / "params").item_metadata
-        tree = _restore_keys(ckptr.restore(path / "params", jax.tree.map(target, stored)))
+        tree = _restore_keys(ckptr.restore(path / "params", jax.tree_util.tree_map_with_path(target, stored)))
     return Weights(dit=tree["dit"], vae=tree.get("vae"), config=config, text_encoder=tree.get("text_encoder"))

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from device_testing import FakeDevice, client
 from flax import nnx
 
 import sdtm
@@ -15,8 +16,10 @@ from dit_jax.nn.attention import (
     Attention,
     MultiHeadAttention,
     _attention,
+    _implementation,
     attention_implementation,
     chunked_attention,
+    cudnn_flash_supported,
     key_attention,
     merged_self_attention,
 )
@@ -137,3 +140,33 @@ def test_cpu_uses_chunked_attention_unless_told_otherwise():
     with pytest.raises(ValueError, match="must be one of"):
         with attention_implementation("flash"):
             pass
+
+
+@pytest.mark.parametrize("capability,head_dim,supported", [
+    ("7.5", 72, False),  # T4 (Colab's free GPU): cuDNN has no flash attention before Ampere
+    ("7.0", 64, False),  # V100
+    ("8.0", 72, True),  # A100: DiT-XL/2's and PixArt's heads of 72
+    ("8.9", 128, True),
+    ("8.0", 256, False),  # heads over 128 need Hopper
+    ("9.0", 256, True),
+    ("9.0", 60, False),  # not a multiple of 8
+])
+def test_cudnn_flash_attention_only_where_cudnn_has_it(capability, head_dim, supported):
+    assert cudnn_flash_supported(head_dim, FakeDevice(capability)) is supported
+
+
+def test_no_cudnn_flash_attention_on_rocm_or_cpu():
+    rocm = FakeDevice("9.0", client=client("rocm 6.3"))
+    assert not cudnn_flash_supported(64, rocm)
+    assert not cudnn_flash_supported(64, jax.devices("cpu")[0])
+
+
+def test_auto_attention_falls_back_to_xla_on_a_gpu_without_cudnn_flash(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda *backend: [FakeDevice("7.5")])  # a T4
+    assert _implementation(jnp.bfloat16, 72) is None and _implementation(jnp.float16, 72) is None
+    monkeypatch.setattr(jax, "devices", lambda *backend: [FakeDevice("9.0")])  # an H100
+    assert _implementation(jnp.bfloat16, 72) == "cudnn" and _implementation(jnp.float32, 72) is None
+    with attention_implementation("cudnn"):  # forced: the caller's choice, even where it cannot run
+        monkeypatch.setattr(jax, "devices", lambda *backend: [FakeDevice("7.5")])
+        assert _implementation(jnp.bfloat16, 72) == "cudnn"

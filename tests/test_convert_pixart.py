@@ -18,6 +18,7 @@ from torch_dit import relative_error
 import sdtm
 from convert import pixart as convert_pixart
 from dit_jax import load, sample
+from dit_jax.weights import cast
 from dit_jax.prompts import text_condition
 
 PROMPTS = ["A photo of a cat sitting on a red sofa.", "Two dogs play in the snow"]
@@ -119,6 +120,24 @@ def test_images_decode_through_the_vae(converted):
     images = sample(weights, "a cat", steps=2)
     side = weights.config.image_size
     assert images.shape == (1, side, side, 3) and images.dtype == np.uint8
+
+
+def test_float16_keeps_the_text_encoder_bfloat16_and_the_vae_float32(converted):
+    """float16 (GPUs without bfloat16 tensor cores): the transformer in float16, T5 in bfloat16
+    (T5 v1.1 overflows float16), the VAE in float32; its latents are as close to float32's as
+    bfloat16's are (this random tiny model amplifies rounding: both are off by a few percent)."""
+    _, bundle = converted
+    full, half = load(bundle), load(bundle, dtype=jnp.float16)
+    dtypes = lambda w: {k: {a.dtype for a in jax.tree.leaves(getattr(w, k))} for k in ("dit", "text_encoder", "vae")}  # noqa: E731
+    want = {"dit": {jnp.dtype(jnp.float16)}, "text_encoder": {jnp.dtype(jnp.bfloat16)}, "vae": {jnp.dtype(jnp.float32)}}
+    assert dtypes(half) == want and dtypes(cast(full, jnp.float16)) == want
+    x_T = np.random.default_rng(0).standard_normal((2, full.config.dit.input_size, full.config.dit.input_size, 4))
+    latents = lambda w: sample(w, PROMPTS, latents=x_T.astype(np.float32), steps=6, output="latents")  # noqa: E731
+    reference, ours = latents(full), latents(half)
+    assert ours.dtype == np.float32 and np.isfinite(ours).all()
+    assert relative_error(ours, reference) <= relative_error(latents(load(bundle, dtype=jnp.bfloat16)), reference)
+    images = sample(half, "a cat", steps=2)
+    assert images.dtype == np.uint8 and images.shape[-1] == 3
 
 
 def test_bundle_keeps_the_tokenizer_and_bf16_text_encoder(converted, tmp_path):

@@ -56,7 +56,7 @@ def test_every_download_is_tagged(notebook):
     assert "wget -nc https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt" in online
     assert "download stabilityai/sd-vae-ft-ema --local-dir sd-vae-ft-ema" in online
     assert "python -m convert.dit DiT-XL-2-256x256.pt ckpts/dit-xl-2-256 --vae sd-vae-ft-ema" in online
-    assert 'load("ckpts/dit-xl-2-256", dtype=jnp.bfloat16)' in online and '"golden retriever"' in online
+    assert 'load("ckpts/dit-xl-2-256", dtype="auto")' in online and '"golden retriever"' in online
 
 
 def test_offline_cells_run(notebook, monkeypatch, capsys):

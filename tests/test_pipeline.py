@@ -166,6 +166,15 @@ def test_cli_merge_settings_reach_the_configs():
     ]
 
 
+def test_cli_precision_flags(capsys):
+    from dit_jax.sample import _parser
+
+    assert _parser().parse_args(["bag", "--fp16"]).fp16 and _parser().parse_args(["bag", "--bf16"]).bf16
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["bag", "--bf16", "--fp16"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 def test_no_weights_uses_the_shipped_default():
     from dit_jax.weights import DEFAULT_WEIGHTS, load
 

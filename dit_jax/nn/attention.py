@@ -11,13 +11,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dit_jax.devices import cuda_capability
 from sdtm.merger import BlockMerger, MergeState
 from sdtm.ops import log_group_size, merge, unmerge
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "chunked")
-# "auto": cuDNN's fused flash attention on GPUs for bf16/fp16 (jax's own default is XLA's
-# unfused attention), "chunked" on CPU, XLA elsewhere. The others force one; read when a
-# function is traced.
+# "auto": cuDNN's fused flash attention for bf16/fp16 on the GPUs that have it (jax's own default
+# is XLA's unfused attention; see `cudnn_flash_supported`), "chunked" on CPU, XLA elsewhere. The
+# others force one; read when a function is traced.
 _IMPLEMENTATION = os.environ.get("DIT_JAX_ATTENTION", "auto")
 # Queries per block of the chunked attention. Medians of 9 calls, 16 heads of 72 (DiT-XL/2),
 # batch 2, on this project's 2-core CPU, blocks of 64 / 128 / 256 against jax.nn.dot_product_attention:
@@ -38,11 +39,22 @@ def attention_implementation(name: str):
         _IMPLEMENTATION = previous
 
 
-def _implementation(dtype) -> str | None:
-    """"cudnn", "chunked" or None (jax's XLA attention)."""
+def cudnn_flash_supported(head_dim: int, device=None) -> bool:
+    """Whether cuDNN's flash attention runs on `device` (default: the first device of the default
+    backend) for heads of `head_dim`: a CUDA GPU of compute capability 8.0 (Ampere) or newer
+    (cuDNN's support matrix; a T4 or V100 has none, ROCm GPUs neither), and a head size that is a
+    multiple of 8, at most 128 (256 from compute capability 9.0, Hopper), as jax requires."""
+    capability = cuda_capability(device)
+    if capability is None:
+        return False
+    return capability >= (8, 0) and head_dim % 8 == 0 and head_dim <= (256 if capability >= (9, 0) else 128)
+
+
+def _implementation(dtype, head_dim: int) -> str | None:
+    """"cudnn", "chunked" or None (jax's XLA attention) for heads of `head_dim` in `dtype`."""
     if _IMPLEMENTATION == "auto":
         backend = jax.default_backend()
-        if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and cudnn_flash_supported(head_dim):
             return "cudnn"
         return "chunked" if backend == "cpu" else None
     return None if _IMPLEMENTATION == "xla" else _IMPLEMENTATION
@@ -77,7 +89,7 @@ def chunked_attention(
 
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None) -> jax.Array:
     """q (B, N, h, d), k and v (B, S, h, d), bias broadcastable to (B, h, N, S) or None -> (B, N, h, d)."""
-    implementation = _implementation(q.dtype)
+    implementation = _implementation(q.dtype, q.shape[-1])
     if implementation == "chunked":
         return chunked_attention(q, k, v, bias)  # adds the bias in float32
     if bias is not None:
