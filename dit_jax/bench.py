@@ -36,10 +36,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax
 from flax import nnx
 
 import sdtm as sdtm_lib

@@ -321,6 +321,13 @@ def load(path: str | os.PathLike | None = None, *, dtype=jnp.float32) -> Weights
     device = default if isinstance(default, jax.Device) else jax.local_devices(backend=default)[0]
     if isinstance(dtype, str) and dtype == "auto":
         dtype = auto_dtype(device)
+    elif dtype is not None:
+        try:
+            if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+                raise TypeError
+        except TypeError:
+            raise ValueError(f"dtype {dtype!r} is not a floating-point dtype: use jnp.float32, jnp.bfloat16, "
+                             "jnp.float16, \"auto\" or None (what is stored)") from None
     device = jax.sharding.SingleDeviceSharding(device)
 
     def target(path, meta):  # what to read each stored array into

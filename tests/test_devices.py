@@ -27,7 +27,10 @@ def test_auto_dtype_by_device(device, dtype):
     assert auto_dtype(device) == dtype
 
 
-def test_load_auto_is_float32_on_cpu():
+def test_load_auto_is_float32_on_cpu_and_bad_dtypes_are_refused():
     from dit_jax import load
 
     assert {a.dtype for a in jax.tree.leaves(load(dtype="auto"))} == {jnp.dtype(jnp.float32)}
+    for bad in ("bf16", jnp.int8):
+        with pytest.raises(ValueError, match="is not a floating-point dtype"):
+            load(dtype=bad)
