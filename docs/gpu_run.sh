@@ -87,8 +87,8 @@ bench align512 forward --variant "$VARIANT" $BENCH_EXTRA --image-size 512 --batc
 bench pixart1024 sample --variant "$PIXART" $BENCH_EXTRA --image-size "${PIXART_SIZE:-1024}" --batch 2 --dtype bfloat16 \
   --strategies "${PIXART_SAMPLE:-baseline,sdtm,sdtm:protect_every=3,cache_weight=0.0,switch_step=0.7,tome:0.5}" \
   --steps 20 --repeats "${SAMPLE_REPEATS:-3}"
-# 3b. (About 1-2 min.) Issue 7's 16 GB question: the whole PixArt-alpha pipeline (T5-XXL, XL/2, VAE; random
-# bf16 weights made on the card) sampling one image at 512 and 1024 px, the allocator's peak after each stage,
+# 3b. (About 1-2 min.) Issue 7's 16 GB question: the whole PixArt-alpha pipeline (T5-XXL, XL/2, VAE; bf16
+# weights made on the card) sampling one image at 512 and 1024 px, the allocator's peak after each stage,
 # for the README's two routes (encode-then-drop, and the T5 kept on the card). Without preallocation.
 left=$(( BUDGET - ($(date +%s) - bench_start) ))
 if ! wanted card_memory; then :
