@@ -496,7 +496,7 @@ def evaluate(args: argparse.Namespace, command: str, log=print) -> list[Row]:
     if args.reference_size + args.num_samples > 10_000:
         raise ValueError("--reference-size + --num-samples must fit in the 10,000 test images (the real-image row "
                          "uses test images the reference does not)")
-    weights = load(args.weights)
+    weights = load(args.weights, dtype=args.dtype)
     if weights.config.class_names is None or tuple(weights.config.class_names) != CLASS_NAMES:
         raise ValueError("the quality harness scores Fashion-MNIST models: these weights have other classes")
     sampler = TimedSampler(weights, args.num_samples, args.batch_size, args.steps, args.cfg, args.seed, log)
@@ -626,6 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-cache", action="store_true", help="do not read or write cached reference features")
     ap.add_argument("--weights", help="a Fashion-MNIST bundle (default: the shipped DiT; a text model from "
                                       "`python -m dit_jax.train --family pixart` is prompted with captions)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="the model's parameters and compute (load's dtype; the judges stay float32)")
     ap.add_argument("--classifier", help="classifier bundle (default: the shipped one)")
     ap.add_argument("--data-root", help="folder of the Fashion-MNIST idx files")
     ap.add_argument("--compile-cache", metavar="DIR", help="JAX's persistent compilation cache directory")

@@ -5,6 +5,8 @@ own tests (test_metrics.py, test_report.py)."""
 from __future__ import annotations
 
 import importlib.util
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -146,6 +148,23 @@ def test_bad_settings_fail_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="--probe-calls 0 must be at least 1"):
         evaluate.evaluate(evaluate.build_parser().parse_args([*args[:-1], "--probe-calls", "0"]), "test")
     assert not (tmp_path / "q.md").exists()
+
+
+def test_dtype_reaches_the_sampled_model(tmp_path, monkeypatch):
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def capture(weights, *args, **kwargs):
+        seen["dtypes"] = {a.dtype for a in jax.tree.leaves(weights.dit)}
+        raise Stop
+
+    monkeypatch.setattr(evaluate, "TimedSampler", capture)
+    args = ["--num-samples", "10", "--steps", "2", "--skip-efflite", "--out", str(tmp_path / "q.md"), "--dtype", "float16"]
+    with pytest.raises(Stop):
+        evaluate.evaluate(evaluate.build_parser().parse_args(args), "test")
+    assert seen["dtypes"] == {jnp.dtype(jnp.float16)}
 
 
 @pytest.mark.slow
