@@ -43,6 +43,7 @@ import numpy as np
 from flax import nnx
 
 import sdtm as sdtm_lib
+from dit_jax.devices import DTYPE_NAMES
 from dit_jax.models import dit as dit_models
 from dit_jax.models.dit import DiTConfig
 from dit_jax.nn.attention import IMPLEMENTATIONS, attention_implementation
@@ -565,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--input-size", type=int, help="latent side directly (overrides --image-size)")
     ap.add_argument("--depth", type=int, help="override the variant's depth (tiny smoke runs)")
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+    ap.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
                     help="float16: GPUs without bfloat16 tensor cores (T4, V100)")
     ap.add_argument("--strategies", default="baseline,sdtm,tome:0.5",
                     help="comma-separated, baseline first: baseline, sdtm[:RATIO], tome[:RATIO], ssm:RATIO, idm:RATIO, "

@@ -6,6 +6,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# The compute dtypes the command lines take by name (`--dtype`).
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
 
 def cuda_capability(device=None) -> tuple[int, int] | None:
     """(major, minor) compute capability of a CUDA GPU (default: the first device of the default

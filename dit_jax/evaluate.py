@@ -57,6 +57,7 @@ import numpy as np
 import sdtm as sdtm_lib
 from dit_jax import classifier as classifier_lib
 from dit_jax.data import CLASS_NAMES, caption, load_fashion_mnist
+from dit_jax.devices import DTYPE_NAMES
 from dit_jax.metrics import Reference
 from dit_jax.pipeline import FAMILY_DEFAULTS, _run, prepare
 from dit_jax.report import Row, markdown_report, quality_figure
@@ -626,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-cache", action="store_true", help="do not read or write cached reference features")
     ap.add_argument("--weights", help="a Fashion-MNIST bundle (default: the shipped DiT; a text model from "
                                       "`python -m dit_jax.train --family pixart` is prompted with captions)")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+    ap.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
                     help="the model's parameters and compute (load's dtype; the judges stay float32)")
     ap.add_argument("--classifier", help="classifier bundle (default: the shipped one)")
     ap.add_argument("--data-root", help="folder of the Fashion-MNIST idx files")

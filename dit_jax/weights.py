@@ -219,6 +219,13 @@ def component_dtype(component: str, dtype):
     return dtype
 
 
+def _floating(dtype) -> bool:
+    try:
+        return bool(jnp.issubdtype(jnp.dtype(dtype), jnp.floating))
+    except TypeError:  # not a dtype at all ("bf16")
+        return False
+
+
 def cast(weights: Weights, dtype) -> Weights:
     """Floating-point leaves cast to `dtype` (integer leaves untouched; float16: see `component_dtype`)."""
 
@@ -321,13 +328,9 @@ def load(path: str | os.PathLike | None = None, *, dtype=jnp.float32) -> Weights
     device = default if isinstance(default, jax.Device) else jax.local_devices(backend=default)[0]
     if isinstance(dtype, str) and dtype == "auto":
         dtype = auto_dtype(device)
-    elif dtype is not None:
-        try:
-            if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
-                raise TypeError
-        except TypeError:
-            raise ValueError(f"dtype {dtype!r} is not a floating-point dtype: use jnp.float32, jnp.bfloat16, "
-                             "jnp.float16, \"auto\" or None (what is stored)") from None
+    elif dtype is not None and not _floating(dtype):
+        raise ValueError(f"dtype {dtype!r} is not a floating-point dtype: use jnp.float32, jnp.bfloat16, "
+                         "jnp.float16, \"auto\" or None (what is stored)")
     device = jax.sharding.SingleDeviceSharding(device)
 
     def target(path, meta):  # what to read each stored array into
