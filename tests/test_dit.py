@@ -146,8 +146,41 @@ def test_shared_plans_scanned_equal_unrolled(every):
         b, sb = model.forward_merged(x, t, y, merger, state, block_stack=model.stacked_blocks())
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(sa["counter"], sb["counter"])
+        # with the protected steps' cache in and every block's branches out (cut into groups too)
+        full = model.forward_merged(x, t, y, return_branches=True)[2]
+        a2, _, ba = model.forward_merged(x, t, y, merger, state, cache=full, cache_weight=0.5, return_branches=True)
+        b2, _, bb = model.forward_merged(x, t, y, merger, state, block_stack=model.stacked_blocks(), cache=full,
+                                         cache_weight=0.5, return_branches=True)
+        np.testing.assert_allclose(b2, a2, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(bb, ba, rtol=1e-5, atol=1e-6)
+        assert not np.allclose(a2, a)
         single = sdtm.schedule(config.replace(plan_every=1), 1, cfg.num_tokens)[0].merger
         c, sc = model.forward_merged(x, t, y, single, state)
         assert not np.allclose(a, c)  # sharing changes which plans the later blocks use
         # counters advance once per built plan: fewer builds than blocks
         assert float(sa["counter"].max()) <= float(sc["counter"].max())
+
+
+def test_shared_plans_read_the_stack_in_place():
+    """With plans shared over 4 blocks the scans read each block's parameters from the stack by
+    index: the compiled forward allocates no copy of a group's weights (taking the groups apart
+    with slices copied them all: 2.85 GiB of temporaries for DiT-XL/2 against 0.09 GiB unshared)."""
+    import sdtm
+
+    cfg = variant("DiT-S/2", input_size=8, num_classes=2, depth=16, hidden_size=128, num_heads=2)
+    model = DiT(cfg, rngs=nnx.Rngs(0))
+    x = jnp.zeros((1, 8, 8, 4))
+    t, y = jnp.array([5]), jnp.array([1])
+    graphdef, stacked = model.stacked_blocks()
+    rest = nnx.split(model)[1]
+    weights = sum(a.nbytes for a in jax.tree.leaves(stacked))
+    for every in (1, 4):
+        merger = sdtm.schedule(sdtm.SDTMConfig(switch_step=1.0, plan_every=every), 1, cfg.num_tokens)[0].merger
+        state = sdtm.init_state(1, cfg.num_tokens)
+
+        def forward(rest, stacked, merger=merger, state=state):
+            return nnx.merge(nnx.split(model)[0], rest).forward_merged(
+                x, t, y, merger, state, block_stack=(graphdef, stacked))[0]
+
+        compiled = jax.jit(forward).lower(rest, stacked).compile()
+        assert compiled.memory_analysis().temp_size_in_bytes < weights / 8, every

@@ -288,16 +288,20 @@ class DiT(nnx.Module):
             (tokens, merge_state), branches = jax.lax.scan(one_block, (tokens, merge_state), layers)
             return tokens, merge_state, branches
 
-        def one_group(carry, group):  # group: (first layer, the others stacked)
-            tokens, merge_state = carry
-            first, others = group
-            tokens, merge_state, plans, first_branches = run(first, tokens, merge_state)
+        def layer_at(i):  # block i's parameters (and cache), read by index from the whole stack:
+            # a slice of the stack handed to a loop as its input is materialised (slicing the
+            # groups apart copied every block's weights once per forward)
+            return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), layers)
 
-            def reuse(tokens, layer):
-                tokens, _, _, branches = run(layer, tokens, None, plans)
+        def group(carry, start, size):  # blocks start .. start + size - 1
+            tokens, merge_state = carry
+            tokens, merge_state, plans, first_branches = run(layer_at(start), tokens, merge_state)
+
+            def reuse(tokens, i):
+                tokens, _, _, branches = run(layer_at(i), tokens, None, plans)
                 return tokens, branches if collect else None
 
-            tokens, other_branches = jax.lax.scan(reuse, tokens, others)
+            tokens, other_branches = jax.lax.scan(reuse, tokens, start + jnp.arange(1, size))
             if not collect:
                 return (tokens, merge_state), None
             return (tokens, merge_state), jnp.concatenate([first_branches[None], other_branches])
@@ -306,16 +310,12 @@ class DiT(nnx.Module):
         full = depth // every * every
         carry, branches = (tokens, merge_state), []
         if full:
-            # Split outside the scan so the loop body slices nothing (a slice would copy weights).
-            grouped = jax.tree.map(lambda a: a[:full].reshape(full // every, every, *a.shape[1:]), layers)
-            firsts = jax.tree.map(lambda a: a[:, 0], grouped)
-            others = jax.tree.map(lambda a: a[:, 1:], grouped)
-            carry, group_branches = jax.lax.scan(one_group, carry, (firsts, others))
+            carry, group_branches = jax.lax.scan(
+                lambda carry, start: group(carry, start, every), carry, jnp.arange(0, full, every))
             if collect:
                 branches.append(group_branches.reshape(full, *group_branches.shape[2:]))
         if full < depth:
-            tail = jax.tree.map(lambda a: a[full:], layers)
-            carry, tail_branches = one_group(carry, (jax.tree.map(lambda a: a[0], tail), jax.tree.map(lambda a: a[1:], tail)))
+            carry, tail_branches = group(carry, full, depth - full)
             if collect:
                 branches.append(tail_branches)
         return (*carry, jnp.concatenate(branches) if collect else None)
