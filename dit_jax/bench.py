@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -521,6 +522,13 @@ def run_cases(cases: list[Case], repeats: int, warmup: int = 1) -> list[Result]:
     return results
 
 
+def bench_command(argv: list[str]) -> str:
+    """The command line that reproduces this run, with the XLA_FLAGS it ran under (they change
+    what XLA compiles)."""
+    flags = os.environ.get("XLA_FLAGS", "").strip()
+    return (f"XLA_FLAGS={shlex.quote(flags)} " if flags else "") + "python -m dit_jax.bench " + shlex.join(argv)
+
+
 def software_versions() -> dict[str, str]:
     """jaxlib, flax and numpy, and torch when this process imported it (--torch)."""
     import jaxlib
@@ -630,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
         "sampler": args.sampler if args.mode == "sample" else None, "cfg": args.cfg, "repeats": args.repeats,
         "device": f"{device.platform}:{device.device_kind}", "jax": jax.__version__, "host": platform.node(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "command": "python -m dit_jax.bench " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": bench_command(sys.argv[1:] if argv is None else argv),
         "versions": software_versions(), "commit": git_commit(),
     }
     rows = [r.row(peak) for r in results]

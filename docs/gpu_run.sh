@@ -45,7 +45,7 @@ fi
 BUDGET=${BUDGET:-480}  # seconds for everything below; the device call's limit is 600 s
 # ONLY: the steps to run, by name (default: all), e.g. a second call on the warm machine for what the
 # first one's budget skipped: ONLY="card_memory bench_merge fwd256 sample512-b1 sample512-b32".
-# Names: sample512-b8 fwd512 align512 pixart1024 card_memory bench_merge fwd256 sample512-b1 sample512-b32.
+# Names: sample512-b8 fwd512 align512 pixart1024 card_memory bench_merge fwd256 sample512-b1 sample512-b32 graphs512.
 ONLY=${ONLY:-}
 wanted() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]] || { stamp "skip $1: not in ONLY"; return 1; }; }
 bench_start=$(date +%s)
@@ -65,9 +65,11 @@ bench() {  # name, then bench arguments. Runs only while the budget lasts, and a
 # 1.55x target, IDM and ToMe merges summed by a scatter-add (the default) and by a matmul, and
 # plans shared by 4 blocks (plan_every=4: no quality change on the shipped model,
 # docs/quality-plan-every.md; 1.24x -> 1.33x on the H200 before the scatter-free SSM merge), and
-# the setting that keeps the shipped model's quality (sdtm-cached: lone slots only on SSM steps).
+# the setting that keeps the shipped model's quality (sdtm-cached: lone slots only on SSM steps),
+# also with plans shared by 4 blocks (no quality change either; since 2026-12-07 sharing no longer
+# copies the blocks' weights every step).
 bench sample512-b8 sample --variant "$VARIANT" $BENCH_EXTRA --image-size 512 --batch 8 --dtype bfloat16 \
-  --strategies "${SAMPLE:-baseline,sdtm,sdtm:merge_sum=matmul,sdtm*4,tome:0.5,sdtm:protect_every=3,cache_weight=0.0,switch_step=0.7}" \
+  --strategies "${SAMPLE:-baseline,sdtm,sdtm:merge_sum=matmul,sdtm*4,tome:0.5,sdtm:protect_every=3,cache_weight=0.0,switch_step=0.7,sdtm:protect_every=3,cache_weight=0.0,switch_step=0.7*4}" \
   --steps 20 --repeats "${SAMPLE_REPEATS:-3}" \
   --compile-rounds 2
 # 2. One forward of DiT-XL/2 at 512 px (batch 8): where merging pays and where it does not
@@ -116,6 +118,15 @@ for batch in ${BATCHES:-1 32}; do
   bench "sample512-b$batch" sample --variant "$VARIANT" $BENCH_EXTRA --image-size 512 --batch "$batch" --dtype bfloat16 \
     --strategies "baseline,sdtm,sdtm:max_phases=2" --steps 20 --repeats "${SAMPLE_REPEATS:-3}"
 done
+# 6. (About 1 min.) CUDA graphs for the loops: XLA records fusions and library calls into command
+# buffers by default, but not while loops (the scans over the steps and the blocks), so every block
+# of every step launches its kernels from the host. +WHILE records whole loops. If the merged
+# strategies gain more than the baseline, the plans' small kernels were bound by launches.
+(
+  export XLA_FLAGS="${GRAPH_FLAGS:---xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL}"
+  bench graphs512 sample --variant "$VARIANT" $BENCH_EXTRA --image-size 512 --batch 8 --dtype bfloat16 \
+    --strategies "baseline,sdtm,sdtm*4,sdtm:protect_every=3,cache_weight=0.0,switch_step=0.7" --steps 20 --repeats "${SAMPLE_REPEATS:-3}"
+)
 stamp "done"
 python3 -m dit_jax.bench_report "$OUT"/bench-*.json > "$OUT/tables.md" 2>&1  # the markdown tables for docs/benchmarks.md
 [ -f "$OUT/bench.log" ] && grep -E "^#|^[a-z]" "$OUT/bench.log" | grep -v "^wrote"
