@@ -146,7 +146,7 @@ def test_shared_plans_scanned_equal_unrolled(every):
         b, sb = model.forward_merged(x, t, y, merger, state, block_stack=model.stacked_blocks())
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(sa["counter"], sb["counter"])
-        # with the protected steps' cache in and every block's branches out (cut into groups too)
+        # with the protected steps' cache in (read by index like the weights) and every block's branches out
         full = model.forward_merged(x, t, y, return_branches=True)[2]
         a2, _, ba = model.forward_merged(x, t, y, merger, state, cache=full, cache_weight=0.5, return_branches=True)
         b2, _, bb = model.forward_merged(x, t, y, merger, state, block_stack=model.stacked_blocks(), cache=full,
