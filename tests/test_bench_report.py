@@ -25,7 +25,15 @@ def test_renders_the_recorded_h200_run_as_docs_table_it_made(capsys):
     assert lines[-1] == f"(`{H200_RUN}`)"
 
 
-def test_renders_a_fresh_run_with_its_command_versions_and_profile(tmp_path, capsys, monkeypatch):
+def test_command_records_the_xla_flags_it_ran_under(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert bench.bench_command(["sample"]) == "python -m dit_jax.bench sample"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_command_buffer=+WHILE --xla_foo=1")
+    assert bench.bench_command(["sample"]) == (
+        "XLA_FLAGS='--xla_gpu_enable_command_buffer=+WHILE --xla_foo=1' python -m dit_jax.bench sample")
+
+
+def test_renders_a_fresh_run_with_its_command_versions_and_profile(tmp_path, capsys):
     out = tmp_path / "run.json"
     argv = ["forward", "--variant", "DiT-S/2", "--input-size", "8", "--depth", "1", "--batch", "1", "--repeats", "2",
             "--compile-rounds", "1", "--strategies", "baseline,ssm:0.5", "--profile", "--json", str(out)]
@@ -33,10 +41,6 @@ def test_renders_a_fresh_run_with_its_command_versions_and_profile(tmp_path, cap
     config = json.loads(out.read_text())["config"]
     assert config["command"] == "python -m dit_jax.bench " + " ".join(argv)
     assert set(config["versions"]) >= {"jaxlib", "flax", "numpy"} and "commit" in config
-    assert bench.bench_command(["sample"]) == "python -m dit_jax.bench sample"
-    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_command_buffer=+WHILE --xla_foo=1")
-    assert bench.bench_command(["sample"]) == (
-        "XLA_FLAGS='--xla_gpu_enable_command_buffer=+WHILE --xla_foo=1' python -m dit_jax.bench sample")
     capsys.readouterr()
 
     assert bench_report.main([str(out)]) == 0
