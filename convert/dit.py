@@ -20,6 +20,7 @@ import numpy as np
 
 from convert.common import ConversionError, check_state_dict, output_taken, read_state_dict, torch_conv, torch_linear
 from dit_jax.models.dit import VARIANTS, DiTConfig
+from dit_jax.nn.stack import stack_trees
 
 # (depth, hidden) -> heads for the paper's variants; other widths need --num-heads.
 _KNOWN_HEADS = {(c.depth, c.hidden_size): c.num_heads for c in VARIANTS.values()}
@@ -182,7 +183,7 @@ def official_to_params(sd: dict[str, np.ndarray], cfg: DiTConfig) -> dict:
         "t_embedder": {"mlp_0": linear("t_embedder.mlp.0"), "mlp_2": linear("t_embedder.mlp.2")},
         "y_embedder": {"embedding_table": {"embedding": f["y_embedder.embedding_table.weight"]}},
         "pos_embed": f["pos_embed"],
-        "blocks": blocks,
+        "blocks": stack_trees(blocks, np.stack),  # (depth, ...) each: DiT stores its blocks stacked
         "final_layer": {
             "linear": linear("final_layer.linear"),
             "adaLN_modulation": linear("final_layer.adaLN_modulation.1"),

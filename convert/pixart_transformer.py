@@ -19,6 +19,7 @@ import numpy as np
 
 from convert.common import ConversionError, check_state_dict, torch_conv, torch_linear
 from dit_jax.models.pixart import PixArtConfig
+from dit_jax.nn.stack import stack_trees
 
 # (our sub-path, diffusers name) of every linear layer, for the model and for one block.
 _TOP_LINEARS = {
@@ -246,4 +247,5 @@ def convert_pixart_transformer(
         for part in path[:-1]:
             node = node.setdefault(part, {})
         node[path[-1]] = np.ascontiguousarray(array.astype(dtype))
+    tree["blocks"] = stack_trees(tree["blocks"], np.stack)  # PixArt stores its blocks stacked: (depth, ...)
     return tree

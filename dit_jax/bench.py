@@ -277,10 +277,9 @@ def random_weights(cfg, dtype, seed: int = 0) -> Weights:
         params = nnx.to_pure_dict(nnx.state(model))
         if isinstance(cfg, DiTConfig):
             # The official init zeroes adaLN: randomise it so the blocks do not run on zeros.
-            keys = iter(jax.random.split(jax.random.key(seed + 1), cfg.depth))
-            for block in params["blocks"].values():
-                block["adaLN_modulation"]["kernel"] = 0.02 * jax.random.normal(
-                    next(keys), block["adaLN_modulation"]["kernel"].shape, dtype)
+            modulation = params["blocks"]["adaLN_modulation"]  # kernel (depth, D, 6D)
+            modulation["kernel"] = 0.02 * jax.random.normal(
+                jax.random.key(seed + 1), modulation["kernel"].shape, dtype)
         return params
 
     return Weights(dit=init(), config=BundleConfig(dit=cfg))
@@ -407,9 +406,6 @@ def build_forward_cases(weights: Weights, strategies: list[str], args):
     x = jax.random.normal(jax.random.key(0), (args.batch, cfg.input_size, cfg.input_size, cfg.in_channels), weights.dtype)
     t = jnp.full((args.batch,), 500)
     y = random_condition(cfg, args.batch)
-    # Blocks stacked once, outside the timed call, as the sampler does before its loop.
-    graphdef = dit_module(weights).stacked_blocks()[0]
-    stacked = jax.jit(lambda w: dit_module(w).stacked_blocks()[1])(weights)
     pending = []
     for text in strategies:
         method = parse_strategy(text)
@@ -419,10 +415,10 @@ def build_forward_cases(weights: Weights, strategies: list[str], args):
         elif method is not False:
             phase = sdtm_lib.schedule(method, 1, n, grid=cfg.grid)[0]
         fn = jax.jit(functools.partial(
-            _forward, graphdef=None if unrolled(text) else graphdef, merger=None if phase is None else phase.merger))
+            _forward, scan_blocks=not unrolled(text), merger=None if phase is None else phase.merger))
         tokens = BlockTokens.full(n) if phase is None else phase_tokens(phase, n)
-        pending.append(Pending(text, lambda fn=fn: fn.lower(weights, stacked, x, t, y),
-                               lambda c: c(weights, stacked, x, t, y), tokens.queries / n, tokens.mlp / n,
+        pending.append(Pending(text, lambda fn=fn: fn.lower(weights, x, t, y),
+                               lambda c: c(weights, x, t, y), tokens.queries / n, tokens.mlp / n,
                                forward_flops(cfg, tokens) * args.batch))
     cases = compile_cases(pending, args.compile_rounds)
     if args.torch:
@@ -430,11 +426,11 @@ def build_forward_cases(weights: Weights, strategies: list[str], args):
     return cases
 
 
-def _forward(weights: Weights, stacked, x, t, y, *, graphdef, merger):
-    """One forward pass over pre-stacked blocks (graphdef None: the blocks unrolled), with a fresh merge state."""
+def _forward(weights: Weights, x, t, y, *, scan_blocks, merger):
+    """One forward pass (the blocks scanned, or unrolled), with a fresh merge state."""
     model = dit_module(weights)
     state = None if merger is None else sdtm_lib.init_state(x.shape[0], weights.config.dit.num_tokens)
-    return model.forward_merged(x, t, y, merger, state, block_stack=None if graphdef is None else (graphdef, stacked))[0]
+    return model.forward_merged(x, t, y, merger, state, scan_blocks=scan_blocks)[0]
 
 
 def build_merge_cases(weights: Weights, strategies: list[str], args):

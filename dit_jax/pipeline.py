@@ -65,7 +65,7 @@ class SamplingPlan:
     guided: bool  # classifier-free guidance ([cond; uncond] batch)
     decode: bool  # run the VAE (or map pixels) to uint8 images
     progress: bool = False  # print a line per step from inside the compiled loop
-    scan_blocks: bool = True  # one compiled block scanned over the depth (see DiT.stacked_blocks)
+    scan_blocks: bool = True  # one compiled block scanned over the depth (see DiT.forward_merged)
     batch_sharding: NamedSharding | None = None  # images split over devices; None: one device
     protect_every: int | None = None  # SDTM's protected full-resolution steps (official release)
     cache_weight: float = 1.0  # blend of merged outputs with the protected steps' cache
@@ -123,7 +123,7 @@ def _run(weights: Weights, x_T, cond, cfg_scale, key, plan: SamplingPlan):
     state = {**state, "counter": split_images(state["counter"])}  # (2B, N)
     carry = plan.sampler.init(split_images(x_T.astype(jnp.float32)))
     noise_key = jax.random.fold_in(key, 2)
-    blocks = model.stacked_blocks() if plan.scan_blocks else None
+    blocks = plan.scan_blocks
     # The official release's protected steps: every protect_every-th step runs at full
     # resolution and refreshes the per-block cache that merged tokens blend with.
     cache = None
@@ -141,16 +141,16 @@ def _run(weights: Weights, x_T, cond, cfg_scale, key, plan: SamplingPlan):
         def network(x, t, i, state, cache, merger=merger, extra=extra):
             """The network at step i -> (output, merge state, cache)."""
             if cache is None or merger is None:
-                return (*model.forward_merged(x, t, cond, merger, state, block_stack=blocks, **extra), cache)
+                return (*model.forward_merged(x, t, cond, merger, state, scan_blocks=blocks, **extra), cache)
 
             def protected(state, cache):  # full resolution; its branches become the cache
                 out, _, branches = model.forward_merged(
-                    x, t, cond, block_stack=blocks, return_branches=True, **extra)
+                    x, t, cond, scan_blocks=blocks, return_branches=True, **extra)
                 return out, state, branches.astype(cache.dtype)
 
             def merged(state, cache):
                 out, state = model.forward_merged(
-                    x, t, cond, merger, state, block_stack=blocks, cache=cache, cache_weight=plan.cache_weight,
+                    x, t, cond, merger, state, scan_blocks=blocks, cache=cache, cache_weight=plan.cache_weight,
                     **extra,
                 )
                 return out, state, cache

@@ -171,7 +171,8 @@ def _int_keys(tree: Any) -> Any:
 
 
 def _dit_style_init(path: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    """DiT's initialize_weights for one float32 parameter, by its path ("blocks/3/attn/qkv/kernel").
+    """DiT's initialize_weights for one float32 parameter, by its path ("blocks/attn/qkv/kernel";
+    a block parameter's shape is one block's, see `init_params`).
 
     Xavier-uniform linears with zero biases; the patch embedding xavier-uniform as a flattened
     (in*p*p -> hidden) linear; label table and timestep MLP weights N(0, 0.02); every adaLN
@@ -238,7 +239,13 @@ def init_params(config: DiTConfig | PixArtConfig, seed: int = 0) -> tuple[dict, 
     param_shapes = jax.eval_shape(lambda: make_split()[0])
     buffers = jax.jit(lambda: make_split()[1])()  # constants; the random parameters are dead code
     rng = np.random.default_rng(seed)
-    params = _map_with_path(lambda path, a: jnp.asarray(rule(path, a.shape, rng)), _str_keys(param_shapes))
+
+    def init(path, a):  # the blocks are stored stacked (depth, ...): each block initialised as one layer
+        if path.startswith("blocks/"):
+            return jnp.asarray(np.stack([rule(path, a.shape[1:], rng) for _ in range(a.shape[0])]))
+        return jnp.asarray(rule(path, a.shape, rng))
+
+    params = _map_with_path(init, _str_keys(param_shapes))
     return params, _str_keys(buffers)
 
 

@@ -28,8 +28,11 @@ from flax import nnx
 
 from dit_jax.devices import auto_dtype
 from dit_jax.models.dit import DiT, DiTConfig
+from dit_jax.nn.stack import stack_trees
 
-FORMAT_VERSION = 1
+# 2: the diffusion transformer's blocks stacked (`dit/blocks/...` arrays (depth, ...)); 1 stored
+# them one tree per block (`dit/blocks/0/...`), which `load` still reads.
+FORMAT_VERSION = 2
 DEFAULT_WEIGHTS = Path(__file__).parent / "assets" / "fashion-dit"
 TOKENIZER_DIR = "tokenizer"
 
@@ -319,9 +322,12 @@ def load(path: str | os.PathLike | None = None, *, dtype=jnp.float32) -> Weights
             "Make one with `python -m convert.dit SRC OUT`."
         )
     tokenizer = path / TOKENIZER_DIR
-    config = BundleConfig.from_dict(
-        json.loads(config_file.read_text()), tokenizer_dir=str(tokenizer) if tokenizer.is_dir() else None
-    )
+    stored_config = json.loads(config_file.read_text())
+    version = stored_config.get("format_version", 1)
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{path} is a format-{version} bundle, newer than this dit-jax reads "
+                         f"(format {FORMAT_VERSION}): upgrade dit-jax")
+    config = BundleConfig.from_dict(stored_config, tokenizer_dir=str(tokenizer) if tokenizer.is_dir() else None)
     if config.text_encoder is not None and config.tokenizer_dir is None:
         raise FileNotFoundError(f"{path} has a text encoder but no {TOKENIZER_DIR}/ folder: convert it again")
     default = jax.config.jax_default_device  # a Device, a platform name or None
@@ -341,4 +347,6 @@ def load(path: str | os.PathLike | None = None, *, dtype=jnp.float32) -> Weights
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
         stored = ckptr.metadata(path / "params").item_metadata
         tree = _restore_keys(ckptr.restore(path / "params", jax.tree_util.tree_map_with_path(target, stored)))
+    if version == 1:  # blocks stored one tree each: stacked here (re-save the bundle to skip this)
+        tree["dit"]["blocks"] = stack_trees(tree["dit"].pop("blocks"))
     return Weights(dit=tree["dit"], vae=tree.get("vae"), config=config, text_encoder=tree.get("text_encoder"))

@@ -72,7 +72,7 @@ def test_converts_to_bfloat16():
     params = convert_pixart_transformer(sd.__getitem__, {k: v.shape for k, v in sd.items()}, cfg, dtype=ml_dtypes.bfloat16)
     assert {a.dtype for a in jax.tree.leaves(params)} == {np.dtype(ml_dtypes.bfloat16)}
     np.testing.assert_array_equal(
-        params["blocks"][0]["attn"]["q"]["kernel"], sd["transformer_blocks.0.attn1.to_q.weight"].T.astype(ml_dtypes.bfloat16)
+        params["blocks"]["attn"]["q"]["kernel"][0], sd["transformer_blocks.0.attn1.to_q.weight"].T.astype(ml_dtypes.bfloat16)
     )
     np.testing.assert_array_equal(
         params["x_embedder"]["proj"]["kernel"], sd["pos_embed.proj.weight"].transpose(2, 3, 1, 0).astype(ml_dtypes.bfloat16)

@@ -88,11 +88,12 @@ def test_dit_xl2_256_parameter_tree():
     assert shapes["x_embedder"]["proj"]["kernel"] == (2, 2, 4, 1152)
     assert shapes["pos_embed"] == (1, 256, 1152)
     assert shapes["y_embedder"]["embedding_table"]["embedding"] == (1001, 1152)
-    assert len(shapes["blocks"]) == 28
-    assert shapes["blocks"][0] == {
-        "attn": {"qkv": {"kernel": (1152, 3456), "bias": (3456,)}, "proj": {"kernel": (1152, 1152), "bias": (1152,)}},
-        "mlp": {"fc1": {"kernel": (1152, 4608), "bias": (4608,)}, "fc2": {"kernel": (4608, 1152), "bias": (1152,)}},
-        "adaLN_modulation": {"kernel": (1152, 6912), "bias": (6912,)},
+    assert shapes["blocks"] == {  # the 28 blocks stored stacked
+        "attn": {"qkv": {"kernel": (28, 1152, 3456), "bias": (28, 3456)},
+                 "proj": {"kernel": (28, 1152, 1152), "bias": (28, 1152)}},
+        "mlp": {"fc1": {"kernel": (28, 1152, 4608), "bias": (28, 4608)},
+                "fc2": {"kernel": (28, 4608, 1152), "bias": (28, 1152)}},
+        "adaLN_modulation": {"kernel": (28, 1152, 6912), "bias": (28, 6912)},
     }
     assert shapes["final_layer"]["linear"]["kernel"] == (1152, 32)
 
@@ -119,13 +120,13 @@ def test_scanned_blocks_equal_unrolled_blocks():
     model = DiT(cfg, rngs=nnx.Rngs(2))
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
     t, y = jnp.array([5, 700]), jnp.array([1, 10])
-    unrolled = model.forward_merged(x, t, y)[0]
-    scanned = model.forward_merged(x, t, y, block_stack=model.stacked_blocks())[0]
+    unrolled = model.forward_merged(x, t, y, scan_blocks=False)[0]
+    scanned = model.forward_merged(x, t, y)[0]
     np.testing.assert_allclose(scanned, unrolled, rtol=1e-5, atol=1e-6)
     merger = sdtm.schedule(sdtm.SDTMConfig(switch_step=1.0), 1, cfg.num_tokens)[0].merger
     state = sdtm.init_state(2, cfg.num_tokens)
-    a, sa = model.forward_merged(x, t, y, merger, state)
-    b, sb = model.forward_merged(x, t, y, merger, state, block_stack=model.stacked_blocks())
+    a, sa = model.forward_merged(x, t, y, merger, state, scan_blocks=False)
+    b, sb = model.forward_merged(x, t, y, merger, state)
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(sa["counter"], sb["counter"])
 
@@ -142,20 +143,20 @@ def test_shared_plans_scanned_equal_unrolled(every):
     for config in (sdtm.SDTMConfig(switch_step=1.0, plan_every=every), sdtm.SDTMConfig(switch_step=0, plan_every=every)):
         merger = sdtm.schedule(config, 1, cfg.num_tokens)[0].merger
         state = sdtm.init_state(2, cfg.num_tokens)
-        a, sa = model.forward_merged(x, t, y, merger, state)
-        b, sb = model.forward_merged(x, t, y, merger, state, block_stack=model.stacked_blocks())
+        a, sa = model.forward_merged(x, t, y, merger, state, scan_blocks=False)
+        b, sb = model.forward_merged(x, t, y, merger, state)
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(sa["counter"], sb["counter"])
         # with the protected steps' cache in (read by index like the weights) and every block's branches out
-        full = model.forward_merged(x, t, y, return_branches=True)[2]
-        a2, _, ba = model.forward_merged(x, t, y, merger, state, cache=full, cache_weight=0.5, return_branches=True)
-        b2, _, bb = model.forward_merged(x, t, y, merger, state, block_stack=model.stacked_blocks(), cache=full,
-                                         cache_weight=0.5, return_branches=True)
+        full = model.forward_merged(x, t, y, return_branches=True, scan_blocks=False)[2]
+        a2, _, ba = model.forward_merged(x, t, y, merger, state, scan_blocks=False, cache=full, cache_weight=0.5,
+                                         return_branches=True)
+        b2, _, bb = model.forward_merged(x, t, y, merger, state, cache=full, cache_weight=0.5, return_branches=True)
         np.testing.assert_allclose(b2, a2, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(bb, ba, rtol=1e-5, atol=1e-6)
         assert not np.allclose(a2, a)
         single = sdtm.schedule(config.replace(plan_every=1), 1, cfg.num_tokens)[0].merger
-        c, sc = model.forward_merged(x, t, y, single, state)
+        c, sc = model.forward_merged(x, t, y, single, state, scan_blocks=False)
         assert not np.allclose(a, c)  # sharing changes which plans the later blocks use
         # counters advance once per built plan: fewer builds than blocks
         assert float(sa["counter"].max()) <= float(sc["counter"].max())
@@ -171,16 +172,14 @@ def test_shared_plans_read_the_stack_in_place():
     model = DiT(cfg, rngs=nnx.Rngs(0))
     x = jnp.zeros((1, 8, 8, 4))
     t, y = jnp.array([5]), jnp.array([1])
-    graphdef, stacked = model.stacked_blocks()
-    rest = nnx.split(model)[1]
-    weights = sum(a.nbytes for a in jax.tree.leaves(stacked))
+    graphdef, params = nnx.split(model)
+    weights = sum(a.nbytes for a in jax.tree.leaves(nnx.state(model.blocks)))
     for every in (1, 4):
         merger = sdtm.schedule(sdtm.SDTMConfig(switch_step=1.0, plan_every=every), 1, cfg.num_tokens)[0].merger
         state = sdtm.init_state(1, cfg.num_tokens)
 
-        def forward(rest, stacked, merger=merger, state=state):
-            return nnx.merge(nnx.split(model)[0], rest).forward_merged(
-                x, t, y, merger, state, block_stack=(graphdef, stacked))[0]
+        def forward(params, merger=merger, state=state):
+            return nnx.merge(graphdef, params).forward_merged(x, t, y, merger, state)[0]
 
-        compiled = jax.jit(forward).lower(rest, stacked).compile()
+        compiled = jax.jit(forward).lower(params).compile()
         assert compiled.memory_analysis().temp_size_in_bytes < weights / 8, every

@@ -116,9 +116,8 @@ def as_jax(x, t, cond):
 
 def fwd(model, x, t, cond, merger=None, merge_state=None, *, scan=False, cache=None, **static):
     """model.forward_merged(...), eagerly (on a CPU the op-by-op caches shared by the tests beat
-    compiling each variant); scan: the blocks as one lax.scan over model.stacked_blocks()."""
-    stack = model.stacked_blocks() if scan else None
-    return model.forward_merged(x, t, cond, merger, merge_state, block_stack=stack, cache=cache, **static)
+    compiling each variant); scan: the blocks as one lax.scan over their stacked parameters."""
+    return model.forward_merged(x, t, cond, merger, merge_state, scan_blocks=scan, cache=cache, **static)
 
 
 @pytest.fixture(scope="module")
@@ -330,7 +329,7 @@ def _block_setup(sd, zero_self_attention=True):
     emb = model.embed_conditions(t, cond)
     context = BlockContext(model.t_block(jax.nn.silu(emb)), model.y_embedder(cond["text"]),
                            text_bias(cond["text_mask"], jnp.float32), 1.0)
-    return model.blocks[0], context
+    return model.block(0), context
 
 
 def _window_plan(batch=3):
@@ -430,11 +429,11 @@ def test_tiny_parameter_tree():
         "ar_embedder": {"mlp_0": _linear(256, 16), "mlp_2": _linear(16, 16)},
         "t_block": _linear(48, 288),
         "y_embedder": {"fc1": _linear(16, 48), "fc2": _linear(48, 48)},
-        "blocks": {
-            i: {"scale_shift_table": (6, 48), "attn": attn, "cross_attn": attn,
-                "mlp": {"fc1": _linear(48, 192), "fc2": _linear(192, 48)}}
-            for i in range(2)
-        },
+        "blocks": jax.tree.map(  # the 2 blocks stored stacked
+            lambda shape: (2, *shape),
+            {"scale_shift_table": (6, 48), "attn": attn, "cross_attn": attn,
+             "mlp": {"fc1": _linear(48, 192), "fc2": _linear(192, 48)}},
+            is_leaf=lambda a: isinstance(a, tuple)),
         "final_layer": {"scale_shift_table": (2, 48), "linear": _linear(48, 32)},
     }
     plain, _ = _shapes(TINY)

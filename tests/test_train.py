@@ -61,11 +61,13 @@ def run_a(tmp_path_factory, tiny_dataset):
 def test_dit_init_is_adaln_zero():
     cfg = tiny_config("unused").dit_config()
     params, buffers = init_params(cfg, seed=0)
-    for block in params["blocks"].values():
-        assert not np.any(block["adaLN_modulation"]["kernel"]) and not np.any(block["adaLN_modulation"]["bias"])
-        bound = math.sqrt(6.0 / (32 + 96))
-        qkv = np.asarray(block["attn"]["qkv"]["kernel"])
+    blocks = params["blocks"]  # stacked: (depth, ...) each
+    assert not np.any(blocks["adaLN_modulation"]["kernel"]) and not np.any(blocks["adaLN_modulation"]["bias"])
+    bound = math.sqrt(6.0 / (32 + 96))
+    for qkv in np.asarray(blocks["attn"]["qkv"]["kernel"]):  # each block's
         assert 0.8 * bound < np.abs(qkv).max() <= bound  # xavier-uniform on the fused (in, 3 * in) kernel
+    first, second = np.asarray(blocks["mlp"]["fc1"]["kernel"])[:2]
+    assert np.any(first != second)  # drawn per block
     assert not np.any(params["final_layer"]["linear"]["kernel"])
     assert abs(float(np.std(params["y_embedder"]["embedding_table"]["embedding"])) - 0.02) < 0.005
     assert buffers["pos_embed"].shape == (1, 256, 32)
@@ -74,7 +76,7 @@ def test_dit_init_is_adaln_zero():
     assert out.shape == (2, 32, 32, 2)
     assert not np.any(np.asarray(out)), "adaLN-Zero: a fresh DiT outputs exactly 0"
     params_again, _ = init_params(cfg, seed=0)
-    np.testing.assert_array_equal(params_again["blocks"]["1"]["mlp"]["fc1"]["kernel"], params["blocks"]["1"]["mlp"]["fc1"]["kernel"])
+    np.testing.assert_array_equal(params_again["blocks"]["mlp"]["fc1"]["kernel"], params["blocks"]["mlp"]["fc1"]["kernel"])
 
 
 def test_loss_at_init_and_without_learned_sigma(tables, tiny_dataset):
@@ -165,9 +167,9 @@ def test_checkpoints_and_bundle(run_a):
     assert info["steps"] == 30 and info["pixel_space"] is True and info["batch_size"] == 8
     assert {"hardware", "jax_version", "date", "wall_time_s", "final_loss", "train_config"} <= set(info)
     # The bundle holds the EMA, not the raw parameters.
-    ema_qkv = run_a.state["ema"]["blocks"]["0"]["attn"]["qkv"]["kernel"]
-    np.testing.assert_array_equal(np.asarray(weights.dit["blocks"][0]["attn"]["qkv"]["kernel"]), ema_qkv)
-    assert np.any(ema_qkv != run_a.state["params"]["blocks"]["0"]["attn"]["qkv"]["kernel"])
+    ema_qkv = run_a.state["ema"]["blocks"]["attn"]["qkv"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(weights.dit["blocks"]["attn"]["qkv"]["kernel"]), ema_qkv)
+    assert np.any(ema_qkv != run_a.state["params"]["blocks"]["attn"]["qkv"]["kernel"])
     forward = jax.jit(lambda w, x, t, y: dit_module(w)(x, t, y))
     out_img = forward(weights, jnp.zeros((2, 32, 32, 1)), jnp.array([10, 500]), jnp.array([7, 10]))
     assert out_img.shape == (2, 32, 32, 2) and bool(jnp.all(jnp.isfinite(out_img)))
@@ -226,10 +228,11 @@ def test_pixart_init_starts_without_text_and_output():
     cfg = tiny_config("unused", family="pixart", patch_size=4).dit_config()
     params, buffers = init_params(cfg, seed=0)
     assert buffers == {}  # PixArt's position embedding is a constant, not a buffer
-    for block in params["blocks"].values():
-        assert not np.any(block["cross_attn"]["proj"]["kernel"]) and not np.any(block["cross_attn"]["proj"]["bias"])
-        assert np.any(block["attn"]["proj"]["kernel"])  # xavier, not zero
-        assert abs(float(np.std(block["scale_shift_table"])) * math.sqrt(32) - 1.0) < 0.25  # N(0, 1) / sqrt(hidden)
+    blocks = params["blocks"]  # stacked: (depth, ...) each
+    assert not np.any(blocks["cross_attn"]["proj"]["kernel"]) and not np.any(blocks["cross_attn"]["proj"]["bias"])
+    for i in range(blocks["attn"]["proj"]["kernel"].shape[0]):
+        assert np.any(blocks["attn"]["proj"]["kernel"][i])  # xavier, not zero
+        assert abs(float(np.std(blocks["scale_shift_table"][i])) * math.sqrt(32) - 1.0) < 0.25  # N(0, 1) / sqrt(hidden)
     assert not np.any(params["final_layer"]["linear"]["kernel"])
     assert abs(float(np.std(params["t_block"]["kernel"])) - 0.02) < 0.005
     assert abs(float(np.std(params["y_embedder"]["fc1"]["kernel"])) - 0.02) < 0.005

@@ -68,3 +68,25 @@ def test_compilation_cache_is_written(tmp_path):
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     assert any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
+
+
+def test_format_1_bundles_load_with_their_blocks_stacked(tmp_path):
+    """Bundles written before the blocks were stored stacked (format 1: one tree per block) load
+    into today's layout, the same numbers; a bundle from a newer format is refused."""
+    import json
+
+    w = _weights()
+    blocks = w.dit["blocks"]  # (depth, ...) each
+    old = {**w.dit, "blocks": {i: jax.tree.map(lambda a, i=i: a[i], blocks) for i in range(CFG.depth)}}
+    save(Weights(dit=old, config=w.config), tmp_path / "old")
+    config_file = tmp_path / "old" / "config.json"
+    config = json.loads(config_file.read_text())
+    assert config["format_version"] == 2
+    config_file.write_text(json.dumps({**config, "format_version": 1}))
+    back = load(tmp_path / "old")
+    assert jax.tree.structure(back) == jax.tree.structure(w)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(w)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    config_file.write_text(json.dumps({**config, "format_version": 3}))
+    with pytest.raises(ValueError, match="format-3 bundle, newer than this dit-jax reads.*upgrade"):
+        load(tmp_path / "old")

@@ -1,7 +1,8 @@
 """DiT: Scalable Diffusion Models with Transformers (Peebles & Xie, 2023), in Flax NNX.
 
 Parameter names follow the official facebookresearch/DiT state dict, so conversion is a rename
-plus transposes. Images are NHWC. Blocks accept a token-merging strategy (`sdtm.merger`): a block
+plus transposes; the blocks are stored stacked (`blocks/attn/qkv/kernel` is (depth, D, 3D), see
+`dit_jax.nn.stack`). Images are NHWC. Blocks accept a token-merging strategy (`sdtm.merger`): a block
 builds its plans from its own modulated input and merges attention and MLP inputs as told.
 
     model = DiT(VARIANTS["DiT-XL/2"].replace(input_size=32), rngs=nnx.Rngs(0))
@@ -21,6 +22,7 @@ from dit_jax.models.config import PatchGridConfig
 from dit_jax.nn.attention import Attention
 from dit_jax.nn.branches import attention_branch, mlp_branch
 from dit_jax.nn.layers import Mlp, layer_norm, modulate, sincos_pos_embed_2d, timestep_embedding
+from dit_jax.nn.stack import module_at, stack_modules
 from sdtm.merger import BlockMerger, MergeState
 
 
@@ -197,23 +199,17 @@ class DiT(nnx.Module):
         self.t_embedder = TimestepEmbedder(d, rngs=rngs, dtype=dtype)
         self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob, rngs=rngs, dtype=dtype)
         self.pos_embed = Buffer(jnp.asarray(sincos_pos_embed_2d(d, *config.grid), dtype)[None])
-        self.blocks = nnx.List([DiTBlock(config, rngs=rngs, dtype=dtype) for _ in range(config.depth)])
+        # Stored stacked (kernels (depth, ...)): the blocks run as a scan straight from them.
+        self.blocks = stack_modules([DiTBlock(config, rngs=rngs, dtype=dtype) for _ in range(config.depth)])
         self.final_layer = FinalLayer(config, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
         """x (B, H, W, C) NHWC, t (B,) timesteps, y (B,) class ids -> (B, H, W, out_channels)."""
         return self.forward_merged(x, t, y)[0]
 
-    def stacked_blocks(self) -> tuple[nnx.GraphDef, nnx.State]:
-        """The blocks' parameters stacked on a leading depth axis, for `forward_merged(block_stack=...)`.
-
-        Scanning one block over the stack compiles the block once instead of `depth` times
-        (the sampler compiles every phase's block: this is what keeps SDTM's compile time close
-        to the baseline's). Stack once, outside the sampling loop: stacking copies the weights.
-        """
-        graphdef = nnx.split(self.blocks[0])[0]
-        states = [nnx.split(block)[1] for block in self.blocks]
-        return graphdef, jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+    def block(self, index: int) -> DiTBlock:
+        """Block `index` as a module of its own (its parameters read from the stacked blocks)."""
+        return module_at(self.blocks, index)
 
     def forward_merged(
         self,
@@ -222,7 +218,7 @@ class DiT(nnx.Module):
         y: jax.Array,
         merger: BlockMerger | None = None,
         merge_state: MergeState | None = None,
-        block_stack: tuple[nnx.GraphDef, nnx.State] | None = None,
+        scan_blocks: bool = True,
         cache: jax.Array | None = None,
         cache_weight: float = 1.0,
         return_branches: bool = False,
@@ -230,8 +226,9 @@ class DiT(nnx.Module):
         """The forward pass with a token-merging strategy -> (output, new merge state), and with
         `return_branches` also every block's gated attention/MLP outputs (depth, 2, B, N, D).
 
-        block_stack: `self.stacked_blocks()`, to run the blocks as one `lax.scan` (same numbers,
-        one compiled block); None runs them one after another.
+        scan_blocks: run the blocks as a `lax.scan` over their stacked parameters (one compiled
+        block; with plan sharing, scans over groups); False runs them one after another (each
+        block compiled on its own: the reference the scans are tested against). Same numbers.
         cache (depth, 2, B, N, D), cache_weight: blend merged tokens' outputs with the branches
         of the last full-resolution step (see DiTBlock).
         """
@@ -244,34 +241,34 @@ class DiT(nnx.Module):
         tokens = self.x_embedder(x) + self.pos_embed[...]  # (B, T, D)
         c = self.t_embedder(jnp.broadcast_to(t, (b,))) + self.y_embedder(y)  # (B, D)
         tokens, merge_state, branches = self.run_blocks(
-            tokens, c, merger, merge_state, block_stack, cache, cache_weight, return_branches
+            tokens, c, merger, merge_state, scan_blocks, cache, cache_weight, return_branches
         )
         out = self.unpatchify(self.final_layer(tokens, c))  # (B, H, W, C_out)
         return (out, merge_state, branches) if return_branches else (out, merge_state)
 
-    def run_blocks(self, tokens, c, merger, merge_state, block_stack, cache, cache_weight, collect):
+    def run_blocks(self, tokens, c, merger, merge_state, scan, cache, cache_weight, collect):
         """Every block on tokens (B, N, D) with the blocks' conditioning `c` -> (tokens, merge
-        state, branches (depth, CACHED_BRANCHES, B, N, D) when `collect`, else None). One after another, or
-        (block_stack given) as scans; blocks share plans in groups of the merger's plan_every."""
+        state, branches (depth, CACHED_BRANCHES, B, N, D) when `collect`, else None). As scans, or
+        (scan False) one after another; blocks share plans in groups of the merger's plan_every."""
         every = getattr(merger, "plan_every", 1) if merger is not None else 1
-        if block_stack is not None:
-            return self._scan_blocks(tokens, c, merger, merge_state, block_stack, every, cache, cache_weight, collect)
+        if scan:
+            return self._scan_blocks(tokens, c, merger, merge_state, every, cache, cache_weight, collect)
         plans, branches = None, []
-        for i, block in enumerate(self.blocks):
+        for i in range(self.config.depth):
             reuse = plans if i % every else None
-            tokens, merge_state, plans, block_branches = block(
+            tokens, merge_state, plans, block_branches = self.block(i)(
                 tokens, c, merger, merge_state, self.config.grid, reuse, None if cache is None else cache[i], cache_weight
             )
             branches.append(block_branches)
         return tokens, merge_state, jnp.stack(branches) if collect else None
 
-    def _scan_blocks(self, tokens, c, merger, merge_state, block_stack, every, cache, cache_weight, collect):
+    def _scan_blocks(self, tokens, c, merger, merge_state, every, cache, cache_weight, collect):
         """The blocks as scans over their stacked parameters (and cache). With plan sharing
         (every > 1), an outer scan over groups of `every` blocks: a group's first block builds
         the plans and an inner scan runs the others with them; a last, shorter group
         (depth % every) likewise. Returns (tokens, merge state, branches (depth, CACHED_BRANCHES, B, N, D) when
         `collect`, else None: the scans then carry no per-block outputs at all)."""
-        graphdef, stacked = block_stack
+        graphdef, stacked = nnx.split(self.blocks)
         grid = self.config.grid
         layers = (stacked, cache)  # scanned together; cache None scans as nothing
 

@@ -38,6 +38,7 @@ from dit_jax.models.dit import DiT, PatchEmbed, TimestepEmbedder, _linear
 from dit_jax.nn.attention import MultiHeadAttention
 from dit_jax.nn.branches import attention_branch, cross_attention_branch, mlp_branch
 from dit_jax.nn.layers import Mlp, layer_norm, modulate
+from dit_jax.nn.stack import stack_modules
 from sdtm.merger import BlockMerger, MergeState
 
 # diffusers turns a text mask into this additive bias (keep: 0, pad: -10000) in the hidden dtype;
@@ -300,13 +301,13 @@ class PixArt(nnx.Module):
             self.ar_embedder = TimestepEmbedder(d // 3, rngs=rngs, dtype=dtype)
         self.t_block = _linear(d, 6 * d, rngs, dtype)
         self.y_embedder = CaptionProjection(config.caption_channels, d, rngs=rngs, dtype=dtype)
-        self.blocks = nnx.List([PixArtBlock(config, rngs=rngs, dtype=dtype) for _ in range(config.depth)])
+        self.blocks = stack_modules([PixArtBlock(config, rngs=rngs, dtype=dtype) for _ in range(config.depth)])
         self.final_layer = FinalLayer(config, rngs=rngs, dtype=dtype)
 
     # Shared with DiT as they are: they read only config.{grid, depth, patch_size, out_channels}
-    # and self.blocks, and call each block as block(x, c, merger, state, grid, plans, cache,
-    # cache_weight), which PixArtBlock follows with c a BlockContext.
-    stacked_blocks = DiT.stacked_blocks
+    # and self.blocks (stacked), and call each block as block(x, c, merger, state, grid, plans,
+    # cache, cache_weight), which PixArtBlock follows with c a BlockContext.
+    block = DiT.block
     run_blocks = DiT.run_blocks
     _scan_blocks = DiT._scan_blocks
     unpatchify = DiT.unpatchify
@@ -360,7 +361,7 @@ class PixArt(nnx.Module):
         cond: dict,
         merger: BlockMerger | None = None,
         merge_state: MergeState | None = None,
-        block_stack: tuple[nnx.GraphDef, nnx.State] | None = None,
+        scan_blocks: bool = True,
         cache: jax.Array | None = None,
         cache_weight: float = 1.0,
         return_branches: bool = False,
@@ -369,8 +370,8 @@ class PixArt(nnx.Module):
         """The forward pass with a token-merging strategy -> (output, new merge state), and with
         `return_branches` also every block's branch outputs (depth, 3, B, N, D; see `PixArtBlock`).
 
-        Same contract as `DiT.forward_merged`: block_stack (`self.stacked_blocks()`) runs the blocks
-        as one `lax.scan`; cache (depth, 3, B, N, D) and cache_weight blend merged tokens' outputs
+        Same contract as `DiT.forward_merged`: scan_blocks runs the blocks as a `lax.scan` (False:
+        one after another); cache (depth, 3, B, N, D) and cache_weight blend merged tokens' outputs
         with the last full-resolution step's branches.
         prompt_weight: a static Python float multiplying every cross-attention branch (SDTM's
         per-stage prompt reweighting); 1.0 is the model itself, bit for bit.
@@ -396,7 +397,7 @@ class PixArt(nnx.Module):
             prompt_weight=float(prompt_weight),
         )
         tokens, merge_state, branches = self.run_blocks(
-            tokens, context, merger, merge_state, block_stack, cache, cache_weight, return_branches
+            tokens, context, merger, merge_state, scan_blocks, cache, cache_weight, return_branches
         )
         out = self.unpatchify(self.final_layer(tokens, emb))  # (B, H, W, C_out)
         return (out, merge_state, branches) if return_branches else (out, merge_state)
