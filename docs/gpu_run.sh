@@ -85,7 +85,8 @@ bench align512 forward --variant "$VARIANT" $BENCH_EXTRA --image-size 512 --batc
 # 3. PixArt at 1024 px (4,096 image tokens), 20 DPM-Solver++ steps with guidance, random weights and text
 # (sdtm-cached: the toy text model's quality-keeping setting; merged windows compute no branch on SSM steps).
 # Its JSON's temp_bytes is the sampler's device memory beside the weights on the card (the README's
-# 16 GB question; this CPU's analysis says 3.0 GiB at 512 px, most of it the stacked block weights).
+# 16 GB question; this CPU's analysis says 2.4 GiB at 512 px, most of it a float32 copy of the weights
+# that only the CPU backend makes).
 bench pixart1024 sample --variant "$PIXART" $BENCH_EXTRA --image-size "${PIXART_SIZE:-1024}" --batch 2 --dtype bfloat16 \
   --strategies "${PIXART_SAMPLE:-baseline,sdtm,sdtm:protect_every=3,cache_weight=0.0,switch_step=0.7,tome:0.5}" \
   --steps 20 --repeats "${SAMPLE_REPEATS:-3}"
