@@ -121,12 +121,12 @@ def test_scanned_blocks_equal_unrolled_blocks():
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
     t, y = jnp.array([5, 700]), jnp.array([1, 10])
     unrolled = model.forward_merged(x, t, y, scan_blocks=False)[0]
-    scanned = model.forward_merged(x, t, y)[0]
+    scanned = model.forward_merged(x, t, y, scan_blocks=True)[0]
     np.testing.assert_allclose(scanned, unrolled, rtol=1e-5, atol=1e-6)
     merger = sdtm.schedule(sdtm.SDTMConfig(switch_step=1.0), 1, cfg.num_tokens)[0].merger
     state = sdtm.init_state(2, cfg.num_tokens)
     a, sa = model.forward_merged(x, t, y, merger, state, scan_blocks=False)
-    b, sb = model.forward_merged(x, t, y, merger, state)
+    b, sb = model.forward_merged(x, t, y, merger, state, scan_blocks=True)
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(sa["counter"], sb["counter"])
 
@@ -144,14 +144,15 @@ def test_shared_plans_scanned_equal_unrolled(every):
         merger = sdtm.schedule(config, 1, cfg.num_tokens)[0].merger
         state = sdtm.init_state(2, cfg.num_tokens)
         a, sa = model.forward_merged(x, t, y, merger, state, scan_blocks=False)
-        b, sb = model.forward_merged(x, t, y, merger, state)
+        b, sb = model.forward_merged(x, t, y, merger, state, scan_blocks=True)
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(sa["counter"], sb["counter"])
         # with the protected steps' cache in (read by index like the weights) and every block's branches out
         full = model.forward_merged(x, t, y, return_branches=True, scan_blocks=False)[2]
         a2, _, ba = model.forward_merged(x, t, y, merger, state, scan_blocks=False, cache=full, cache_weight=0.5,
                                          return_branches=True)
-        b2, _, bb = model.forward_merged(x, t, y, merger, state, cache=full, cache_weight=0.5, return_branches=True)
+        b2, _, bb = model.forward_merged(x, t, y, merger, state, scan_blocks=True, cache=full, cache_weight=0.5,
+                                         return_branches=True)
         np.testing.assert_allclose(b2, a2, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(bb, ba, rtol=1e-5, atol=1e-6)
         assert not np.allclose(a2, a)
@@ -179,7 +180,7 @@ def test_shared_plans_read_the_stack_in_place():
         state = sdtm.init_state(1, cfg.num_tokens)
 
         def forward(params, merger=merger, state=state):
-            return nnx.merge(graphdef, params).forward_merged(x, t, y, merger, state)[0]
+            return nnx.merge(graphdef, params).forward_merged(x, t, y, merger, state, scan_blocks=True)[0]
 
         compiled = jax.jit(forward).lower(params).compile()
         assert compiled.memory_analysis().temp_size_in_bytes < weights / 8, every

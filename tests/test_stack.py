@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dit_jax.nn.stack import module_at, stack_modules, stack_trees
+from dit_jax.nn.stack import module_at, stack_modules, stack_trees, unstack_module
 
 
 def test_stacked_module_holds_every_layer_and_gives_each_back():
@@ -23,6 +23,32 @@ def test_stacked_module_holds_every_layer_and_gives_each_back():
     np.testing.assert_allclose(out, jnp.stack([layer(x) for layer in layers]), rtol=1e-6)
     with pytest.raises(ValueError, match="at least one"):
         stack_modules([])
+
+
+def test_unstacked_layers_are_the_layers_and_their_gradient_is_the_stacks():
+    layers = [nnx.Linear(3, 5, rngs=nnx.Rngs(i)) for i in range(3)]
+    stacked = stack_modules(layers)
+    x = jax.random.normal(jax.random.key(0), (2, 3))
+    for mine, layer in zip(unstack_module(stacked), layers, strict=True):
+        np.testing.assert_array_equal(mine(x), layer(x))
+    graphdef, state = nnx.split(stacked)
+
+    def chain(state):  # the layers one after another, as DiT runs its unrolled blocks
+        h = x
+        for layer in unstack_module(nnx.merge(graphdef, state)):
+            h = jnp.tanh(layer(h)[:, :3])
+        return h.sum()
+
+    def chain_by_index(state):
+        h = x
+        for i in range(3):
+            h = jnp.tanh(module_at(nnx.merge(graphdef, state), i)(h)[:, :3])
+        return h.sum()
+
+    grads, expected = jax.grad(chain)(state), jax.grad(chain_by_index)(state)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
+        assert a.shape[0] == 3 and np.any(np.asarray(a) != 0)
+        np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
 def test_stack_trees_stacks_leaf_by_leaf_in_index_order():

@@ -22,7 +22,7 @@ from dit_jax.models.config import PatchGridConfig
 from dit_jax.nn.attention import Attention
 from dit_jax.nn.branches import attention_branch, mlp_branch
 from dit_jax.nn.layers import Mlp, layer_norm, modulate, sincos_pos_embed_2d, timestep_embedding
-from dit_jax.nn.stack import module_at, stack_modules
+from dit_jax.nn.stack import module_at, stack_modules, unstack_module
 from sdtm.merger import BlockMerger, MergeState
 
 
@@ -218,7 +218,7 @@ class DiT(nnx.Module):
         y: jax.Array,
         merger: BlockMerger | None = None,
         merge_state: MergeState | None = None,
-        scan_blocks: bool = True,
+        scan_blocks: bool = False,
         cache: jax.Array | None = None,
         cache_weight: float = 1.0,
         return_branches: bool = False,
@@ -227,8 +227,10 @@ class DiT(nnx.Module):
         `return_branches` also every block's gated attention/MLP outputs (depth, 2, B, N, D).
 
         scan_blocks: run the blocks as a `lax.scan` over their stacked parameters (one compiled
-        block; with plan sharing, scans over groups); False runs them one after another (each
-        block compiled on its own: the reference the scans are tested against). Same numbers.
+        block, with plan sharing scans over groups: what the sampler does, compiling each phase's
+        block once); False (default) runs them one after another, each block compiled on its own
+        (what training uses: on this CPU a scanned train step compiled 2x slower and ran slower).
+        Same numbers.
         cache (depth, 2, B, N, D), cache_weight: blend merged tokens' outputs with the branches
         of the last full-resolution step (see DiTBlock).
         """
@@ -254,9 +256,9 @@ class DiT(nnx.Module):
         if scan:
             return self._scan_blocks(tokens, c, merger, merge_state, every, cache, cache_weight, collect)
         plans, branches = None, []
-        for i in range(self.config.depth):
+        for i, block in enumerate(unstack_module(self.blocks)):
             reuse = plans if i % every else None
-            tokens, merge_state, plans, block_branches = self.block(i)(
+            tokens, merge_state, plans, block_branches = block(
                 tokens, c, merger, merge_state, self.config.grid, reuse, None if cache is None else cache[i], cache_weight
             )
             branches.append(block_branches)

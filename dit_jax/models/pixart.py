@@ -361,7 +361,7 @@ class PixArt(nnx.Module):
         cond: dict,
         merger: BlockMerger | None = None,
         merge_state: MergeState | None = None,
-        scan_blocks: bool = True,
+        scan_blocks: bool = False,
         cache: jax.Array | None = None,
         cache_weight: float = 1.0,
         return_branches: bool = False,
@@ -370,8 +370,8 @@ class PixArt(nnx.Module):
         """The forward pass with a token-merging strategy -> (output, new merge state), and with
         `return_branches` also every block's branch outputs (depth, 3, B, N, D; see `PixArtBlock`).
 
-        Same contract as `DiT.forward_merged`: scan_blocks runs the blocks as a `lax.scan` (False:
-        one after another); cache (depth, 3, B, N, D) and cache_weight blend merged tokens' outputs
+        Same contract as `DiT.forward_merged`: scan_blocks runs the blocks as a `lax.scan` (default
+        False: one after another); cache (depth, 3, B, N, D) and cache_weight blend merged tokens' outputs
         with the last full-resolution step's branches.
         prompt_weight: a static Python float multiplying every cross-attention branch (SDTM's
         per-stage prompt reweighting); 1.0 is the model itself, bit for bit.
