@@ -123,7 +123,6 @@ def _run(weights: Weights, x_T, cond, cfg_scale, key, plan: SamplingPlan):
     state = {**state, "counter": split_images(state["counter"])}  # (2B, N)
     carry = plan.sampler.init(split_images(x_T.astype(jnp.float32)))
     noise_key = jax.random.fold_in(key, 2)
-    blocks = plan.scan_blocks
     # The official release's protected steps: every protect_every-th step runs at full
     # resolution and refreshes the per-block cache that merged tokens blend with.
     cache = None
@@ -141,17 +140,17 @@ def _run(weights: Weights, x_T, cond, cfg_scale, key, plan: SamplingPlan):
         def network(x, t, i, state, cache, merger=merger, extra=extra):
             """The network at step i -> (output, merge state, cache)."""
             if cache is None or merger is None:
-                return (*model.forward_merged(x, t, cond, merger, state, scan_blocks=blocks, **extra), cache)
+                return (*model.forward_merged(x, t, cond, merger, state, scan_blocks=plan.scan_blocks, **extra), cache)
 
             def protected(state, cache):  # full resolution; its branches become the cache
                 out, _, branches = model.forward_merged(
-                    x, t, cond, scan_blocks=blocks, return_branches=True, **extra)
+                    x, t, cond, scan_blocks=plan.scan_blocks, return_branches=True, **extra)
                 return out, state, branches.astype(cache.dtype)
 
             def merged(state, cache):
                 out, state = model.forward_merged(
-                    x, t, cond, merger, state, scan_blocks=blocks, cache=cache, cache_weight=plan.cache_weight,
-                    **extra,
+                    x, t, cond, merger, state, scan_blocks=plan.scan_blocks, cache=cache,
+                    cache_weight=plan.cache_weight, **extra,
                 )
                 return out, state, cache
 
