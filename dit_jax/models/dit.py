@@ -22,7 +22,7 @@ from dit_jax.models.config import PatchGridConfig
 from dit_jax.nn.attention import Attention
 from dit_jax.nn.branches import attention_branch, mlp_branch
 from dit_jax.nn.layers import Mlp, layer_norm, modulate, sincos_pos_embed_2d, timestep_embedding
-from dit_jax.nn.stack import module_at, stack_modules, unstack_module
+from dit_jax.nn.stack import layer_of, module_at, stack_modules, unstack_module
 from sdtm.merger import BlockMerger, MergeState
 
 
@@ -287,17 +287,12 @@ class DiT(nnx.Module):
             (tokens, merge_state), branches = jax.lax.scan(one_block, (tokens, merge_state), layers)
             return tokens, merge_state, branches
 
-        def layer_at(i):  # block i's parameters (and cache), read by index from the whole stack:
-            # a slice of the stack handed to a loop as its input is materialised (slicing the
-            # groups apart copied every block's weights once per forward)
-            return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), layers)
-
         def group(carry, start, size):  # blocks start .. start + size - 1
             tokens, merge_state = carry
-            tokens, merge_state, plans, first_branches = run(layer_at(start), tokens, merge_state)
+            tokens, merge_state, plans, first_branches = run(layer_of(layers, start), tokens, merge_state)
 
             def reuse(tokens, i):
-                tokens, _, _, branches = run(layer_at(i), tokens, None, plans)
+                tokens, _, _, branches = run(layer_of(layers, i), tokens, None, plans)
                 return tokens, branches if collect else None
 
             tokens, other_branches = jax.lax.scan(reuse, tokens, start + jnp.arange(1, size))

@@ -33,11 +33,16 @@ def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
     return nnx.merge(graphdef, jax.tree.map(lambda *leaves: jnp.stack(leaves), *states))
 
 
+def layer_of(tree: Any, index) -> Any:
+    """Entry `index` (an int or a traced integer) of every leaf of a stacked tree, read by index
+    (inside jit and loops: no copy of the other layers, as a slice handed to a loop would be)."""
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), tree)
+
+
 def module_at(stacked: nnx.Module, index) -> nnx.Module:
-    """Layer `index` (an int or a traced integer) of a stacked module, as a module of its own.
-    Its parameters are read from the stack by index (inside jit: no copy of the other layers)."""
+    """Layer `index` (an int or a traced integer) of a stacked module, as a module of its own."""
     graphdef, state = nnx.split(stacked)
-    return nnx.merge(graphdef, jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), state))
+    return nnx.merge(graphdef, layer_of(state, index))
 
 
 def unstack_module(stacked: nnx.Module) -> list[nnx.Module]:
