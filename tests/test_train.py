@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,10 @@ import pytest
 from dit_jax import data, load
 from dit_jax.diffusion.schedule import linear_betas
 from dit_jax.diffusion.losses import DiffusionTables, diffusion_loss
-from dit_jax.train import TrainConfig, build_module, ema_decay_at, init_params, parse_args, train
+from dit_jax.profiling import distinct_fusions
+from dit_jax.train import (
+    TrainConfig, _map_params, blocks_stacked, build_module, ema_decay_at, init_params, init_train_state, make_train_step, parse_args, train,
+)
 from dit_jax.weights import dit_module
 
 
@@ -151,7 +155,7 @@ def test_training_lowers_the_loss_on_a_fixed_batch(run_a, tables, tiny_dataset):
     initial, buffers = init_params(cfg, seed=0)
     mse = jax.jit(lambda p: diffusion_loss(build_module(cfg, p, buffers), tables, x0, t, y, noise)[1]["mse"])
     before = float(mse(initial))
-    after = float(mse(jax.tree.map(jnp.asarray, run_a.state["params"])))
+    after = float(mse(blocks_stacked(jax.tree.map(jnp.asarray, run_a.state["params"]))))
     # Seen: about 0.99 -> 0.35..0.45 over seeds; a model that does not learn stays near 1.
     assert after < 0.75 * before, (before, after)
     assert run_a.step == 30 and run_a.stopped_by == "steps" and math.isfinite(run_a.loss)
@@ -167,12 +171,29 @@ def test_checkpoints_and_bundle(run_a):
     assert info["steps"] == 30 and info["pixel_space"] is True and info["batch_size"] == 8
     assert {"hardware", "jax_version", "date", "wall_time_s", "final_loss", "train_config"} <= set(info)
     # The bundle holds the EMA, not the raw parameters.
-    ema_qkv = run_a.state["ema"]["blocks"]["attn"]["qkv"]["kernel"]
-    np.testing.assert_array_equal(np.asarray(weights.dit["blocks"]["attn"]["qkv"]["kernel"]), ema_qkv)
-    assert np.any(ema_qkv != run_a.state["params"]["blocks"]["attn"]["qkv"]["kernel"])
+    # The train state keeps the blocks one tree per layer; the bundle stores them stacked.
+    assert sorted(run_a.state["ema"]["blocks"]) == ["0", "1"]
+    ema_qkv = [run_a.state["ema"]["blocks"][i]["attn"]["qkv"]["kernel"] for i in ("0", "1")]
+    np.testing.assert_array_equal(np.asarray(weights.dit["blocks"]["attn"]["qkv"]["kernel"]), np.stack(ema_qkv))
+    assert np.any(ema_qkv[1] != run_a.state["params"]["blocks"]["1"]["attn"]["qkv"]["kernel"])
     forward = jax.jit(lambda w, x, t, y: dit_module(w)(x, t, y))
     out_img = forward(weights, jnp.zeros((2, 32, 32, 1)), jnp.array([10, 500]), jnp.array([7, 10]))
     assert out_img.shape == (2, 32, 32, 2) and bool(jnp.all(jnp.isfinite(out_img)))
+
+
+def test_train_step_shares_its_kernels_between_blocks(tmp_path):
+    """Another block adds few distinct kernels to the compiled step. Measured: 8 per block with
+    the train state's blocks one tree per layer (XLA's fusions across neighbouring blocks), 30
+    per block with the stacked leaves in the state, whose slices XLA fused into each block's own
+    kernels (the default config: 461 fusions and a 9.4-10.2 s compile instead of 255 and 6.8-7.7 s)."""
+    counts = []
+    for depth in (2, 4):
+        cfg = tiny_config(tmp_path, depth=depth)
+        state, buffers = init_train_state(cfg)
+        images, labels = jnp.zeros((16, 32, 32, 1), jnp.uint8), jnp.zeros((16,), jnp.int32)
+        compiled = jax.jit(make_train_step(cfg, buffers)).lower(state, images, labels).compile()
+        counts.append(sum(distinct_fusions(compiled.as_text()).values()))
+    assert (counts[1] - counts[0]) / 2 < 16, counts
 
 
 def test_resume_continues_exactly(run_a, tmp_path, tiny_dataset):
@@ -192,6 +213,23 @@ def test_resume_continues_exactly(run_a, tmp_path, tiny_dataset):
     assert load(tmp_path / "final", dtype=None).dtype == jnp.bfloat16  # stored bf16 (load() upcasts by default)
     with pytest.raises(ValueError, match="another model"):
         train(tiny_config(tmp_path, resume=True, hidden_size=64, num_heads=2), dataset=tiny_dataset, log=lambda line: None)
+
+
+def test_resume_reads_states_checkpointed_with_the_blocks_stacked(run_a, tmp_path, tiny_dataset):
+    """Commits 973d673 to 0e0e71e checkpointed the train state with its blocks stacked."""
+    import orbax.checkpoint as ocp
+
+    first = train(tiny_config(tmp_path, steps=15), dataset=tiny_dataset, log=lambda line: None)
+    shutil.rmtree(tmp_path / "train_state")
+    with ocp.CheckpointManager(tmp_path / "train_state") as manager:
+        manager.save(15, args=ocp.args.StandardSave(_map_params(blocks_stacked, jax.device_get(first.state))))
+        manager.wait_until_finished()
+    lines = []
+    second = train(tiny_config(tmp_path, resume=True), dataset=tiny_dataset, log=lines.append)
+    assert any("resumed" in line and "step 15" in line for line in lines)
+    for name in ("params", "ema", "opt_state"):
+        for got, want in zip(jax.tree.leaves(second.state[name]), jax.tree.leaves(run_a.state[name])):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_time_limit_stops_cleanly_with_a_bundle(tmp_path, tiny_dataset):
