@@ -245,7 +245,13 @@ def _graphdef(config: DiTConfig | PixArtConfig, dtype) -> nnx.GraphDef:
 
 
 def build_module(config: DiTConfig | PixArtConfig, params: dict, buffers: dict, dtype=jnp.float32) -> nnx.Module:
-    """The DiT (or PixArt) over `params` and `buffers` (string-keyed), computing in `dtype` (leaves are cast)."""
+    """The DiT (or PixArt) over `params` and `buffers` (string-keyed), computing in `dtype` (leaves are cast).
+    params are in the model's layout (`init_params`; a train state's: `blocks_stacked` first)."""
+    if "0" in params.get("blocks", {}):
+        raise ValueError(
+            "these params hold their blocks one tree per layer, as a train state does: pass "
+            "blocks_stacked(params) to build_module"
+        )
     def to(a):
         return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
 

@@ -59,5 +59,7 @@ def test_stack_trees_stacks_leaf_by_leaf_in_index_order():
     np.testing.assert_array_equal(stacked["b"]["c"], [[0, 1, 2], [1, 2, 3], [2, 3, 4]])
     with pytest.raises(ValueError, match=r"numbered 0 \.\. n-1, got \[0, 2\]"):
         stack_trees({0: {"w": 1}, 2: {"w": 2}})
+    with pytest.raises(ValueError, match=r"numbered 0 \.\. n-1, got \['attn', 'mlp'\]"):
+        stack_trees({"attn": {"w": 1}, "mlp": {"w": 2}})  # a stacked tree, not layers
     with pytest.raises(ValueError, match="layer 1 has another parameter structure than layer 0"):
         stack_trees({0: {"w": np.ones(1)}, 1: {"v": np.ones(1)}})

@@ -194,6 +194,8 @@ def test_train_step_shares_its_kernels_between_blocks(tmp_path):
         compiled = jax.jit(make_train_step(cfg, buffers)).lower(state, images, labels).compile()
         counts.append(sum(distinct_fusions(compiled.as_text()).values()))
     assert (counts[1] - counts[0]) / 2 < 16, counts
+    with pytest.raises(ValueError, match=r"pass blocks_stacked\(params\)"):
+        build_module(cfg.dit_config(), state["params"], buffers)
 
 
 def test_resume_continues_exactly(run_a, tmp_path, tiny_dataset):

@@ -62,9 +62,10 @@ def stack_trees(per_layer: dict[Any, Any], stack: Callable = jnp.stack) -> Any:
     `stack` is `jnp.stack` for device arrays, `np.stack` for host arrays. Leaf by leaf: the
     layers' arrays are released as their stack is made, so the peak is one leaf's worth more
     than the layers themselves (when the caller holds no other reference to them)."""
-    indices = sorted(per_layer, key=int)
-    if [int(i) for i in indices] != list(range(len(indices))):
+    indices = list(per_layer)
+    if sorted(str(i) for i in indices) != sorted(str(i) for i in range(len(indices))):
         raise ValueError(f"layers must be numbered 0 .. n-1, got {indices}")
+    indices.sort(key=int)
     layers = [per_layer.pop(i) for i in indices]
     structure = jax.tree.structure(layers[0])
     for i, layer in zip(indices, layers):
