@@ -252,6 +252,7 @@ def build_module(config: DiTConfig | PixArtConfig, params: dict, buffers: dict, 
             "these params hold their blocks one tree per layer, as a train state does: pass "
             "blocks_stacked(params) to build_module"
         )
+
     def to(a):
         return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
 

@@ -22,7 +22,8 @@ from dit_jax.diffusion.schedule import linear_betas
 from dit_jax.diffusion.losses import DiffusionTables, diffusion_loss
 from dit_jax.profiling import distinct_fusions
 from dit_jax.train import (
-    TrainConfig, _map_params, blocks_stacked, build_module, ema_decay_at, init_params, init_train_state, make_train_step, parse_args, train,
+    TrainConfig, _map_params, blocks_stacked, build_module, ema_decay_at, init_params, init_train_state,
+    make_train_step, parse_args, train,
 )
 from dit_jax.weights import dit_module
 
