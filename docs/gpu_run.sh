@@ -5,8 +5,8 @@
 # Needs .whl/ (orbax-checkpoint and diffusers wheels, for the PyTorch comparison) carried along,
 # made here first: pip download --no-deps -d .whl diffusers==0.42.1 orbax-checkpoint==0.12.8
 # TRAIN_SECONDS>0 also trains the embedded default (then .data/fashion-mnist/ must come too).
-# A CPU dry run (every step, 5 min on the 2-core VM on 2026-12-07; --input-size 16 shrinks the bench runs to
-# 64 tokens, without it step 1 alone outlasts its 240 s on a CPU):
+# A CPU dry run (every step; 5 min on the 2-core VM on 2026-12-07). --input-size 16 shrinks the
+# bench runs to 64 tokens: without it step 1 alone outlasts its 240 s on a CPU.
 #   VARIANT=DiT-S/2 PIXART=PixArt-alpha-XL/2-256 PIXART_SIZE=256 BENCH_EXTRA="--depth 1 --input-size 16" \
 #   REPEATS=2 SAMPLE_REPEATS=1 BATCHES=1 MERGE_TOKENS=256 BUDGET=3000 \
 #   CARD_MEMORY_EXTRA="--sizes 256 --t5-layers 1 --depth 1 --steps 2" bash docs/gpu_run.sh

@@ -63,7 +63,7 @@ def stack_trees(per_layer: dict[Any, Any], stack: Callable = jnp.stack) -> Any:
     layers' arrays are released as their stack is made, so the peak is one leaf's worth more
     than the layers themselves (when the caller holds no other reference to them)."""
     indices = list(per_layer)
-    if sorted(str(i) for i in indices) != sorted(str(i) for i in range(len(indices))):
+    if {str(i) for i in indices} != {str(i) for i in range(len(indices))}:  # int or str keys
         raise ValueError(f"layers must be numbered 0 .. n-1, got {indices}")
     indices.sort(key=int)
     layers = [per_layer.pop(i) for i in indices]
