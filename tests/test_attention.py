@@ -129,6 +129,38 @@ def test_chunked_attention_equals_dot_product_attention(n, s, chunk, bias_shape)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("n, s, chunk, queries", [(64, 64, 16, 16), (50, 64, 16, 16), (40, 7, 128, 64), (300, 40, 16, 2)])
+def test_chunked_attention_reads_key_attention_off_its_probabilities(n, s, chunk, queries):
+    """The score the chunked attention sums from its own blocks is `key_attention`'s: the same
+    strided queries (in blocks that hold none, as at n = 300, stride 150, too), and the same output."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (2, n, HEADS, 8))
+    k, v = (jax.random.normal(kk, (2, s, HEADS, 8)) for kk in keys[1:])
+    out, score = chunked_attention(q, k, v, chunk=chunk, key_attention_queries=queries)
+    np.testing.assert_array_equal(out, chunked_attention(q, k, v, chunk=chunk))
+    np.testing.assert_allclose(score, key_attention(q, k, num_queries=queries), rtol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", ["chunked", "xla"])
+@pytest.mark.parametrize("kind", ["dit", "pixart"])
+def test_attention_returns_key_attention_under_every_implementation(implementation, kind):
+    """Both attention modules give `key_attention` of their own q and k beside their output,
+    and refuse a bias with it (the score is defined without one)."""
+    attn = attention_module(kind)
+    x = jax.random.normal(jax.random.key(3), (2, 64, DIM))
+    with attention_implementation(implementation):
+        out, score = attn(x, with_key_attention=True)
+        np.testing.assert_allclose(out, attn(x), rtol=1e-5, atol=1e-6)
+        if kind == "dit":
+            q, k, _ = jnp.split(attn.qkv(x), 3, axis=-1)
+        else:
+            q, k = attn.q(x), attn.k(x)
+        heads = lambda t: t.reshape(2, 64, HEADS, DIM // HEADS)  # noqa: E731
+        np.testing.assert_allclose(score, key_attention(heads(q), heads(k)), rtol=1e-5)
+        with pytest.raises(ValueError, match="without a bias"):
+            attn(x, bias=jnp.zeros((1, 1, 1, 64)), with_key_attention=True)
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the chunked attention is the CPU default")
 def test_cpu_uses_chunked_attention_unless_told_otherwise():
     q = jax.random.normal(jax.random.key(0), (1, 300, 2, 8))
