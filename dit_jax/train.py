@@ -57,7 +57,7 @@ from dit_jax.models.dit import DiTConfig
 from dit_jax.models.pixart import PixArtConfig
 from dit_jax.models.t5 import T5Config, T5Encoder
 from dit_jax.nn.stack import layer_of, stack_trees
-from dit_jax.weights import BundleConfig, Weights, cast, model_class, save
+from dit_jax.weights import BundleConfig, Weights, abstract_module, cast, model_class, save
 
 NUM_TRAIN_TIMESTEPS = 1000
 IMAGE_SIZE = 32  # Fashion-MNIST padded to 32x32 by dit_jax.data
@@ -239,9 +239,7 @@ def init_params(config: DiTConfig | PixArtConfig, seed: int = 0) -> tuple[dict, 
 
 @functools.lru_cache(maxsize=None)
 def _graphdef(config: DiTConfig | PixArtConfig, dtype) -> nnx.GraphDef:
-    cls = model_class(config)
-    abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype))
-    return nnx.split(abstract, nnx.Param, ...)[0]
+    return nnx.split(abstract_module(model_class(config), config, dtype), nnx.Param, ...)[0]
 
 
 def build_module(config: DiTConfig | PixArtConfig, params: dict, buffers: dict, dtype=jnp.float32) -> nnx.Module:

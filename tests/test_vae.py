@@ -16,6 +16,7 @@ from flax import nnx
 
 from convert.vae import convert_vae, expected_shapes, param_shapes
 from dit_jax.models.vae import AutoencoderKL, GroupNorm, VAEConfig
+from dit_jax.weights import abstract_module
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -79,8 +80,8 @@ def tiny(request, tmp_path_factory):
 
 
 def abstract_model(config: VAEConfig, dtype=jnp.float32) -> AutoencoderKL:
-    # eval_shape: random initialisation runs op by op and costs far more than the forward passes.
-    return nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0), dtype=dtype))
+    # Shapes only: random initialisation runs op by op and costs far more than the forward passes.
+    return abstract_module(AutoencoderKL, config, dtype)
 
 
 def load_ours(src, dtype=jnp.float32) -> tuple[AutoencoderKL, dict]:

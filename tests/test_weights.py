@@ -4,9 +4,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+from test_pixart import TINY as TINY_PIXART
+from test_t5 import TINY as TINY_T5
+from test_vae import TINY_CONFIGS as TINY_VAES
 
-from dit_jax.models.dit import variant
-from dit_jax.weights import BundleConfig, Weights, dit_module, init_dit_params, load, save
+from dit_jax.models.dit import DiT, variant
+from dit_jax.models.pixart import PixArt
+from dit_jax.models.t5 import T5Encoder
+from dit_jax.models.vae import AutoencoderKL, VAEConfig
+from dit_jax.weights import BundleConfig, Weights, abstract_module, dit_module, init_dit_params, load, save
 
 CFG = variant("DiT-S/8", input_size=16, num_classes=3, depth=2)
 
@@ -90,3 +97,20 @@ def test_format_1_bundles_load_with_their_blocks_stacked(tmp_path):
     config_file.write_text(json.dumps({**config, "format_version": 3}))
     with pytest.raises(ValueError, match="format-3 bundle, newer than this dit-jax reads.*upgrade"):
         load(tmp_path / "old")
+
+
+@pytest.mark.parametrize("cls, config", [
+    (DiT, CFG),
+    (PixArt, TINY_PIXART.replace(use_additional_conditions=True)),
+    (T5Encoder, TINY_T5),
+    (AutoencoderKL, VAEConfig.from_diffusers(TINY_VAES["attn"])),
+], ids=["dit", "pixart", "t5", "vae"])
+def test_abstract_module_is_what_nnx_rngs_builds(cls, config):
+    """The shapes-only build with one key for every initialiser gives the module graph and the
+    parameter shapes and dtypes that building with `nnx.Rngs` does."""
+    graph, state = nnx.split(abstract_module(cls, config, jnp.bfloat16))
+    ref_graph, ref_state = nnx.split(nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)))
+    assert graph == ref_graph
+    as_shapes = lambda tree: jax.tree.map(lambda a: (a.shape, a.dtype), nnx.to_pure_dict(tree))  # noqa: E731
+    assert as_shapes(state) == as_shapes(ref_state)
+    assert all(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(state))
