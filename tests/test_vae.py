@@ -79,15 +79,10 @@ def tiny(request, tmp_path_factory):
     return request.param, torch_vae, out
 
 
-def abstract_model(config: VAEConfig, dtype=jnp.float32) -> AutoencoderKL:
-    # Shapes only: random initialisation runs op by op and costs far more than the forward passes.
-    return abstract_module(AutoencoderKL, config, dtype)
-
-
 def load_ours(src, dtype=jnp.float32) -> tuple[AutoencoderKL, dict]:
     """The converted checkpoint as a model, the way dit_jax.weights builds it (no random init)."""
     config, params = convert_vae(src)
-    model = abstract_model(config, dtype)
+    model = abstract_module(AutoencoderKL, config, dtype)  # shapes only: no random init
     nnx.update(model, jax.tree.map(lambda a: jnp.asarray(a, dtype), params))
     return model, params
 
@@ -130,7 +125,7 @@ def test_encode_decode_match_diffusers(tiny):
 def test_param_tree_matches_model_and_diffusers_count(tiny):
     name, torch_vae, path = tiny
     config, params = convert_vae(path)
-    model_tree = nnx.state(abstract_model(config), nnx.Param).to_pure_dict()
+    model_tree = nnx.state(abstract_module(AutoencoderKL, config, jnp.float32), nnx.Param).to_pure_dict()
 
     shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)  # noqa: E731
     assert jax.tree.structure(params) == jax.tree.structure(model_tree)
@@ -168,7 +163,7 @@ def test_sd_kl_f8_layout_matches_diffusers_and_model():
         torch_vae = diffusers.AutoencoderKL(**{k: v for k, v in SD_VAE_FT_EMA_CONFIG.items() if not k.startswith("_")})
     assert expected_shapes(config) == {k: tuple(v.shape) for k, v in torch_vae.state_dict().items()}
 
-    model_shapes = jax.tree.map(lambda a: tuple(a.shape), nnx.state(abstract_model(config), nnx.Param).to_pure_dict())
+    model_shapes = jax.tree.map(lambda a: tuple(a.shape), nnx.state(abstract_module(AutoencoderKL, config, jnp.float32), nnx.Param).to_pure_dict())
     assert model_shapes == param_shapes(config)
     total = sum(np.prod(s) for s in jax.tree.leaves(model_shapes, is_leaf=lambda x: isinstance(x, tuple)))
     assert total == sum(p.numel() for p in torch_vae.parameters()) == 83_653_863

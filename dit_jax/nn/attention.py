@@ -78,7 +78,7 @@ def chunked_attention(
     """
     n = q.shape[1]
     q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
-    stride = None if key_attention_queries is None else max(1, n // key_attention_queries)
+    stride = None if key_attention_queries is None else _key_attention_stride(n, key_attention_queries)
     outs, received = [], []
     for start in range(0, n, chunk):  # static: the last block may be shorter
         stop = min(start + chunk, n)
@@ -113,6 +113,11 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None)
 KEY_ATTENTION_QUERIES = 64
 
 
+def _key_attention_stride(n: int, num_queries: int) -> int:
+    """Every how many queries `key_attention` reads one (queries 0, stride, 2 * stride, ...)."""
+    return max(1, n // num_queries)
+
+
 def _attention_and_key_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None):
     """`_attention(q, k, v, bias)` and `key_attention(q, k)` -> ((B, N, h, d), (B, S)). The chunked
     attention (CPU) reads the score off its own probabilities (the same up to round-off): computed
@@ -126,6 +131,16 @@ def _attention_and_key_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias:
     return _attention(q, k, v, None), key_attention(q, k)
 
 
+def _attend_and_project(proj: nnx.Linear, q, k, v, bias, with_key_attention: bool):
+    """q (B, N, h, d), k and v (B, S, h, d) -> proj(attention) (B, N, h * d), and with
+    `with_key_attention` also the (B, S) key-attention score."""
+    b, n, h, d = q.shape
+    heads_out, key_att = (_attention_and_key_attention(q, k, v, bias) if with_key_attention
+                          else (_attention(q, k, v, bias), None))
+    out = proj(heads_out.reshape(b, n, h * d))
+    return (out, key_att) if with_key_attention else out
+
+
 @jax.named_scope("key_attention")
 def key_attention(q: jax.Array, k: jax.Array, num_queries: int = KEY_ATTENTION_QUERIES) -> jax.Array:
     """Mean attention probability each key receives, estimated from evenly strided queries.
@@ -135,9 +150,7 @@ def key_attention(q: jax.Array, k: jax.Array, num_queries: int = KEY_ATTENTION_Q
     The logits are float32: products of q and k in their own dtype (exact for bfloat16) summed
     in float32, so a bfloat16 k is never copied to float32 (a pass over all of k per block).
     """
-    n = q.shape[1]
-    stride = max(1, n // num_queries)
-    q_sub = q[:, ::stride]  # (B, Q, h, d)
+    q_sub = q[:, ::_key_attention_stride(q.shape[1], num_queries)]  # (B, Q, h, d)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q_sub, k, preferred_element_type=jnp.float32) / jnp.sqrt(q.shape[-1])
     probs = jax.nn.softmax(logits, axis=-1)  # (B, h, Q, N)
     return probs.mean(axis=(1, 2))
@@ -170,10 +183,7 @@ class Attention(nnx.Module):
         else:
             qkv = self.qkv(x).reshape(b, n, 3, heads, head_dim)
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, h, hd)
-        if with_key_attention:
-            heads_out, key_att = _attention_and_key_attention(q, k, v, bias)
-            return self.proj(heads_out.reshape(b, q.shape[1], d)), key_att
-        return self.proj(_attention(q, k, v, bias).reshape(b, q.shape[1], d))
+        return _attend_and_project(self.proj, q, k, v, bias, with_key_attention)
 
 
 def project(linear: nnx.Linear, x: jax.Array, start: int, stop: int) -> jax.Array:
@@ -221,10 +231,7 @@ class MultiHeadAttention(nnx.Module):
         q = self.q(x).reshape(b, n, self.num_heads, head_dim)
         k = self.k(context).reshape(b, s, self.num_heads, head_dim)
         v = self.v(context).reshape(b, s, self.num_heads, head_dim)
-        if with_key_attention:
-            heads_out, key_att = _attention_and_key_attention(q, k, v, bias)
-            return self.proj(heads_out.reshape(b, n, d)), key_att
-        return self.proj(_attention(q, k, v, bias).reshape(b, n, d))
+        return _attend_and_project(self.proj, q, k, v, bias, with_key_attention)
 
 
 def merged_self_attention(
