@@ -376,22 +376,28 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def sample_program(weights: Weights, text: str, *, batch: int, steps: int, sampler=None, cfg_scale=None):
+    """What `sample` compiles for the strategy `text`, to latents: (plan, arguments of `_run`),
+    the prompts `batch` class ids (DiT) or random T5-like embeddings (PixArt)."""
+    cfg = weights.config.dit
+    method = parse_strategy(text)
+    if isinstance(method, tuple):
+        raise ValueError(f"{text}: ssm/idm alone are forward-only strategies; use sdtm or tome for sample")
+    if isinstance(cfg, DiTConfig):
+        prompts, negative = [i % cfg.num_classes for i in range(batch)], ""
+    else:
+        prompts, negative = random_condition(cfg, batch), random_condition(cfg, 1, seed=1)
+    plan, call_args = prepare(weights, prompts, sdtm=method, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+                              output="latents", negative_prompt=negative)
+    return dataclasses.replace(plan, scan_blocks=not unrolled(text)), call_args
+
+
 def build_sample_cases(weights: Weights, strategies: list[str], args) -> list[Case]:
     cfg = weights.config.dit
     pending = []
     for text in strategies:
-        method = parse_strategy(text)
-        if isinstance(method, tuple):
-            raise ValueError(f"{text}: ssm/idm alone are forward-only strategies; use sdtm or tome for sample")
-        if isinstance(cfg, DiTConfig):
-            prompts, negative = [i % cfg.num_classes for i in range(args.batch)], ""
-        else:
-            prompts, negative = random_condition(cfg, args.batch), random_condition(cfg, 1, seed=1)
-        plan, call_args = prepare(
-            weights, prompts, sdtm=method, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg,
-            output="latents", negative_prompt=negative,
-        )
-        plan = dataclasses.replace(plan, scan_blocks=not unrolled(text))
+        plan, call_args = sample_program(weights, text, batch=args.batch, steps=args.steps, sampler=args.sampler,
+                                         cfg_scale=args.cfg)
         model_batch = args.batch * (2 if plan.guided else 1)
         tokens = step_tokens(plan, cfg.num_tokens)
         flops = sum(forward_flops(cfg, t) for t in tokens) * model_batch
@@ -408,12 +414,7 @@ def build_forward_cases(weights: Weights, strategies: list[str], args):
     y = random_condition(cfg, args.batch)
     pending = []
     for text in strategies:
-        method = parse_strategy(text)
-        phase = None
-        if isinstance(method, tuple):
-            phase = sdtm_lib.schedule(method[1], 1, n, grid=cfg.grid)[0]
-        elif method is not False:
-            phase = sdtm_lib.schedule(method, 1, n, grid=cfg.grid)[0]
+        phase = forward_phase(parse_strategy(text), cfg)
         fn = jax.jit(functools.partial(
             _forward, scan_blocks=not unrolled(text), merger=None if phase is None else phase.merger))
         tokens = BlockTokens.full(n) if phase is None else phase_tokens(phase, n)
@@ -424,6 +425,15 @@ def build_forward_cases(weights: Weights, strategies: list[str], args):
     if args.torch:
         cases.append(torch_case(weights, x, t, y, args))
     return cases
+
+
+def forward_phase(method, cfg):
+    """The merge phase one forward runs for a parsed strategy (`parse_strategy`): its first step's
+    (for ssm:/idm: the stage alone at its ratio), or None for the baseline."""
+    if method is False:
+        return None
+    config = method[1] if isinstance(method, tuple) else method
+    return sdtm_lib.schedule(config, 1, cfg.num_tokens, grid=cfg.grid)[0]
 
 
 def _forward(weights: Weights, x, t, y, *, scan_blocks, merger):

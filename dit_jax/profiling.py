@@ -13,7 +13,8 @@ arithmetic, copies) are "other".
 
 `distinct_fusions` reads the same text for what drives compile time: XLA compiles each distinct
 fused computation once per program (identical ones share a kernel). `loop_ops` counts the ops
-each loop iteration runs (a scanned block's kernel launches on a GPU).
+each loop iteration runs (a scanned block's kernel launches on a GPU), `loop_kernels` what the
+loops launch in a call by kind and region.
 """
 
 from __future__ import annotations
@@ -126,6 +127,63 @@ def entry_ops(hlo_text: str) -> dict[str, int]:
         "sort": everywhere["sort"] + top_k,
         "scatter": everywhere["scatter"],
     }
+
+
+_TRIP_COUNT = re.compile(r'known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
+_CALLS = re.compile(r"\bcalls=%?([\w.\-]+)")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def loop_kernels(hlo_text: str) -> collections.Counter:
+    """What the loops of a compiled module (`compiled.as_text()`) launch in one call,
+    {(kind, region): count}: every op of every loop body, counted as often as its loops iterate
+    (a loop's known trip count; nested loops multiply, as when k blocks share a plan). Divided
+    by the model's depth it is what one scanned block launches, the kernels on a GPU.
+
+    kind: "gemm" (a fusion around a dot), "sort", "scatter", "cudnn" (a cuDNN call), "weight
+    copy" (a fusion that only slices and copies, e.g. one block's weights out of the stacked
+    ones), else XLA's fusion kind ("loop": elementwise, "input": a reduction, "custom", ...) or
+    the opcode. region: as `region_of` reads the op's scope."""
+    computations: dict[str, list[str]] = {}
+    entry = None
+    for computation in hlo_text.split("\n\n"):
+        lines = computation.strip().splitlines()
+        if lines and (header := _COMPUTATION_HEADER.match(lines[0])):
+            computations[header.group(1)] = lines[1:]
+            entry = header.group(1) if lines[0].startswith("ENTRY") else entry
+    counts: collections.Counter = collections.Counter()
+
+    def visit(name: str, times: int, in_loop: bool) -> None:
+        for line in computations.get(name, []):
+            match = _OPCODE.match(line)
+            if not match or match.group(1) in _NOT_OPS:
+                continue
+            if match.group(1) == "while":
+                trips = _TRIP_COUNT.search(line)
+                visit(_WHILE_BODY.search(line).group(1), times * (int(trips.group(1)) if trips else 1), True)
+            elif in_loop:
+                called = _CALLS.search(line)
+                inner = {m.group(1) for x in computations.get(called.group(1), []) if (m := _OPCODE.match(x))} \
+                    if called else set()
+                op_name = _OP_NAME.search(line)
+                region = region_of(op_name.group(1)) if op_name else OTHER
+                counts[(_kernel_kind(line, match.group(1), inner), region)] += times
+
+    visit(entry, 1, False)
+    return counts
+
+
+def _kernel_kind(line: str, opcode: str, inner: set[str]) -> str:
+    """What one launched op (a line of a computation, its opcode, the opcodes it calls) does."""
+    if opcode == "custom-call":
+        return "cudnn" if "cudnn" in line else "sort" if _TOP_K.search(line) else "custom-call"
+    for kind in ("dot", "sort", "scatter"):
+        if kind in inner or opcode == kind:
+            return "gemm" if kind == "dot" else kind
+    if "dynamic-slice" in inner and inner - _NOT_OPS <= {"dynamic-slice", "copy"}:
+        return "weight copy"
+    fusion_kind = re.search(r"\bkind=k(\w+)", line)
+    return fusion_kind.group(1).lower() if opcode == "fusion" and fusion_kind else opcode
 
 
 def module_name(hlo_text: str) -> str:

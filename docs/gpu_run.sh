@@ -121,11 +121,12 @@ for batch in ${BATCHES:-1 32}; do
   bench "sample512-b$batch" sample --variant "$VARIANT" $BENCH_EXTRA --image-size 512 --batch "$batch" --dtype bfloat16 \
     --strategies "baseline,sdtm,sdtm:max_phases=2" --steps 20 --repeats "${SAMPLE_REPEATS:-3}"
 done
-# 6. (About 1 min.) CUDA graphs for the loops: XLA records fusions and library calls into command
-# buffers by default, but its defaults may leave out while loops (the scans over the steps and
-# the blocks), and then every block of every step launches its kernels from the host. +WHILE
-# records whole loops. If the merged strategies gain more than the baseline, the plans' small
-# kernels were bound by launches.
+# 6. (About 1 min.) CUDA graphs for the loops: XLA records runs of fusions into command buffers by
+# default, but not while loops (the scans over the steps and the blocks), so every block of every
+# step launches from the host. +WHILE records whole loops where the body allows it; compiled for
+# an H200 without a card (jaxlib 0.10.2, docs/gpu_compile.py) the cuDNN call and the weight copies
+# stayed outside and so did the loop. If the merged strategies gain more than the baseline here,
+# the card's XLA did better, and the plans' small kernels were bound by launches.
 (
   export XLA_FLAGS="${GRAPH_FLAGS:---xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL}"
   bench graphs512 sample --variant "$VARIANT" $BENCH_EXTRA --image-size 512 --batch 8 --dtype bfloat16 \

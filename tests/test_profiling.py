@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import pytest
+
 
 from dit_jax import bench
 from dit_jax.profiling import (
@@ -15,6 +18,7 @@ from dit_jax.profiling import (
     distinct_fusions,
     entry_ops,
     instruction_regions,
+    loop_kernels,
     loop_ops,
     profile_regions,
     region_of,
@@ -139,6 +143,43 @@ def test_loop_ops_counts_each_loop_body():
     assert len(counts) == 2 and all(c >= 1 for c in counts)
     assert max(counts) >= 2  # the scan body runs at least the fusion and the sort
     assert loop_ops(jax.jit(jnp.sin).lower(jnp.ones(8)).compile().as_text()) == []
+
+
+def test_loop_kernels_multiply_nested_loops_and_name_kinds():
+    def nested(x):
+        def inner(c, _):
+            with jax.named_scope("merge_plan"):
+                return jnp.sort(jnp.sin(c) * 2.0), None
+
+        def outer(c, _):
+            c, _ = jax.lax.scan(inner, c, None, length=3)
+            order = jnp.argsort(c)  # a sort, then a scatter, once per outer iteration
+            return c + jnp.zeros(8).at[order].set(jnp.arange(8.0)), None
+
+        return jax.lax.scan(outer, x, None, length=4)[0]
+
+    counts = loop_kernels(jax.jit(nested).lower(jnp.ones(8)).compile().as_text())
+    assert counts[("sort", "merge_plan")] == 12  # 3 inner iterations in each of 4 outer ones
+    assert counts[("sort", OTHER)] == 4 and counts[("scatter", OTHER)] == 4
+    assert loop_kernels(jax.jit(jnp.sin).lower(jnp.ones(8)).compile().as_text()) == {}  # no loop, nothing counted
+
+
+def test_loop_kernels_of_a_dit_count_a_shared_plan_once_per_group():
+    cfg = bench.model_variant("DiT-S/2", input_size=8, depth=4)
+    weights = bench.random_weights(cfg, jnp.float32)
+    x = jnp.ones((2, 8, 8, 4))
+    t, y = jnp.full((2,), 500), jnp.zeros((2,), jnp.int32)
+
+    def plan_kernels(text: str) -> float:
+        merger = bench.forward_phase(bench.parse_strategy(text), cfg).merger
+        fn = jax.jit(functools.partial(bench._forward, scan_blocks=True, merger=merger))
+        counts = loop_kernels(fn.lower(weights, x, t, y).compile().as_text())
+        assert sum(v for (kind, _), v in counts.items() if kind == "gemm") >= 4 * cfg.depth  # qkv, proj, two MLP matmuls
+        return sum(v for (_, region), v in counts.items() if region == "merge_plan")
+
+    every_block, shared = plan_kernels("ssm:0.5"), plan_kernels("ssm:0.5*2")
+    assert every_block > 0 and every_block % cfg.depth == 0  # the same plan kernels in each of the 4 blocks
+    assert shared < every_block  # two plans built where four were
 
 
 def test_entry_ops_counts_sorts_and_scatters():
