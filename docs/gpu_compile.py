@@ -119,6 +119,16 @@ def on_card(tree, device, dtype=None):
     return jax.tree.map(place, tree)
 
 
+def parameters_on_card(cls, config, dtype, device):
+    """The parameters `cls(config, dtype=dtype)` has, as shapes on the compile-only `device`, in
+    `dtype` (as `load(dtype=...)` stores them)."""
+    from flax import nnx
+
+    from dit_jax.weights import abstract_module
+
+    return on_card(nnx.to_pure_dict(nnx.state(abstract_module(cls, config, dtype))), device, dtype)
+
+
 def attention_for(card: str, dtype) -> str:
     """The attention `auto` picks on that card (dit_jax.nn.attention, which reads the process's
     own backend, a CPU here): cuDNN's flash kernel for half precision from compute capability
@@ -138,11 +148,12 @@ def kernels(args) -> None:
 
     from dit_jax import bench, profiling
     from dit_jax.nn.attention import attention_implementation
+    from dit_jax.weights import BundleConfig, Weights, model_class
 
     device = card_device(args.card)
     cfg = bench.model_variant(args.variant, input_size=args.image_size // 8)
     dtype = jnp.bfloat16
-    weights = on_card(jax.eval_shape(lambda: bench.random_weights(cfg, dtype)), device)
+    weights = Weights(dit=parameters_on_card(model_class(cfg), cfg, dtype, device), config=BundleConfig(dit=cfg))
     x = jax.ShapeDtypeStruct((args.batch, cfg.input_size, cfg.input_size, cfg.in_channels), dtype)
     t = jax.ShapeDtypeStruct((args.batch,), jnp.int32)
     x, t, y = on_card((x, t, bench.random_condition(cfg, args.batch)), device)  # y: class ids, or text for PixArt
@@ -153,6 +164,8 @@ def kernels(args) -> None:
     print("| strategy | kernels per block | " + " | ".join(regions) + " | kinds | compile s |")
     print("|---|---|" + "---|" * len(regions) + "---|---|")
     for text in bench.split_strategies(args.strategies):
+        if bench.unrolled(text):
+            sys.exit(f"{text}: kernels counts what the scanned block loop runs; +unrolled has no loop")
         phase = bench.forward_phase(bench.parse_strategy(text), cfg)
         fn = jax.jit(functools.partial(bench._forward, scan_blocks=True,
                                        merger=None if phase is None else phase.merger))
@@ -186,13 +199,12 @@ def compile_times(args) -> None:
     from dit_jax import bench
     from dit_jax.nn.attention import attention_implementation
     from dit_jax.pipeline import _run
-    from dit_jax.weights import BundleConfig, Weights
+    from dit_jax.weights import BundleConfig, Weights, model_class
 
     device = card_device(args.card)
     cfg = bench.model_variant(args.variant, input_size=args.image_size // 8)
     dtype = jnp.bfloat16
-    weights = Weights(dit=on_card(jax.eval_shape(lambda: bench.random_weights(cfg, dtype).dit), device),
-                      config=BundleConfig(dit=cfg))
+    weights = Weights(dit=parameters_on_card(model_class(cfg), cfg, dtype, device), config=BundleConfig(dit=cfg))
     strategies = bench.split_strategies(args.strategies)
     programs = []
     for text in strategies:
@@ -223,7 +235,6 @@ def compile_times(args) -> None:
 def memory(args) -> None:
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
     from dit_jax.bench import random_condition
     from dit_jax.models import pixart
@@ -240,13 +251,10 @@ def memory(args) -> None:
     half = jnp.bfloat16 if CARDS[args.card]["capability"] >= (8, 0) else jnp.float16
     dtypes = {"dit": half, "t5": component_dtype("text_encoder", half), "vae": component_dtype("vae", half)}
 
-    def shapes(make, dtype):
-        return on_card(nnx.to_pure_dict(nnx.state(nnx.eval_shape(make))), device, dtype)
-
     nbytes = lambda tree: sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))  # noqa: E731
     t5_cfg, vae_cfg = T5_V1_1_XXL, VAEConfig()
-    t5 = shapes(lambda: T5Encoder(t5_cfg, rngs=nnx.Rngs(0), dtype=dtypes["t5"]), dtypes["t5"])
-    vae = shapes(lambda: AutoencoderKL(vae_cfg, rngs=nnx.Rngs(0), dtype=dtypes["vae"]), dtypes["vae"])
+    t5 = parameters_on_card(T5Encoder, t5_cfg, dtypes["t5"], device)
+    vae = parameters_on_card(AutoencoderKL, vae_cfg, dtypes["vae"], device)
     card = CARDS[args.card]
     print(f"# PixArt-alpha XL/2 pipeline compiled for {card['name']} ({card['memory'] / GiB:.1f} GiB; no card: "
           f"jax {jax.__version__}, deviceless), transformer {jnp.dtype(dtypes['dit']).name}, T5 "
@@ -259,7 +267,7 @@ def memory(args) -> None:
     print("|---|---|---|---|---|---|---|")
     for size in args.sizes:
         cfg = pixart.variant(f"PixArt-alpha-XL/2-{size}")
-        dit = shapes(lambda cfg=cfg: pixart.PixArt(cfg, rngs=nnx.Rngs(0), dtype=dtypes["dit"]), dtypes["dit"])
+        dit = parameters_on_card(pixart.PixArt, cfg, dtypes["dit"], device)
         config = BundleConfig(dit=cfg, vae=vae_cfg, text_encoder=t5_cfg)
         w = Weights(dit=dit, vae=vae, text_encoder=t5, config=config)
         ids = on_card(jax.ShapeDtypeStruct((2, cfg.max_text_length), jnp.int32), device)
