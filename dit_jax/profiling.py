@@ -96,14 +96,21 @@ def loop_ops(hlo_text: str) -> list[int]:
     largest first: its fusions, custom calls, sorts, copies, ... (not parameters, tuples,
     bitcasts or constants). A scanned block's body is one entry: the kernels a block launches on
     a GPU, the thunks it runs on CPU. A nested loop counts as one op of its parent's body."""
-    bodies: dict[str, list[str]] = {}
-    for computation in hlo_text.split("\n\n"):
-        lines = computation.strip().splitlines()
-        header = _COMPUTATION_HEADER.match(lines[0]) if lines else None
-        if header:
-            bodies[header.group(1)] = lines[1:]
+    bodies, _ = _computations(hlo_text)
     loops = {m.group(1) for lines in bodies.values() for line in lines if (m := _WHILE_BODY.search(line))}
     return sorted((_count_ops(bodies.get(name, [])) for name in loops), reverse=True)
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
+    """A compiled module's text -> ({computation name: its instruction lines}, the entry's name)."""
+    computations: dict[str, list[str]] = {}
+    entry = None
+    for computation in hlo_text.split("\n\n"):
+        lines = computation.strip().splitlines()
+        if lines and (header := _COMPUTATION_HEADER.match(lines[0])):
+            computations[header.group(1)] = lines[1:]
+            entry = header.group(1) if lines[0].startswith("ENTRY") else entry
+    return computations, entry
 
 
 def _count_ops(lines: list[str]) -> int:
@@ -144,13 +151,7 @@ def loop_kernels(hlo_text: str) -> collections.Counter:
     copy" (a fusion that only slices and copies, e.g. one block's weights out of the stacked
     ones), else XLA's fusion kind ("loop": elementwise, "input": a reduction, "custom", ...) or
     the opcode. region: as `region_of` reads the op's scope."""
-    computations: dict[str, list[str]] = {}
-    entry = None
-    for computation in hlo_text.split("\n\n"):
-        lines = computation.strip().splitlines()
-        if lines and (header := _COMPUTATION_HEADER.match(lines[0])):
-            computations[header.group(1)] = lines[1:]
-            entry = header.group(1) if lines[0].startswith("ENTRY") else entry
+    computations, entry = _computations(hlo_text)
     counts: collections.Counter = collections.Counter()
 
     def visit(name: str, times: int, in_loop: bool) -> None:

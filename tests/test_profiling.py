@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-
 from dit_jax import bench
 from dit_jax.profiling import (
     OTHER,
