@@ -47,7 +47,8 @@ fi
 BUDGET=${BUDGET:-480}  # seconds for everything below; the device call's limit is 600 s
 # ONLY: the steps to run, by name (default: all), e.g. a second call on the warm machine for what the
 # first one's budget skipped: ONLY="card_memory bench_merge fwd256 sample512-b1 sample512-b32".
-# Names: sample512-b8 fwd512 align512 pixart1024 card_memory bench_merge fwd256 sample512-b1 sample512-b32 graphs512.
+# Names: sample512-b8 fwd512 align512 pixart1024 card_memory bench_merge fwd256 sample512-b1 sample512-b32
+# cublaslt-fwd512 cublaslt-sample512 graphs512.
 ONLY=${ONLY:-}
 wanted() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]] || { stamp "skip $1: not in ONLY"; return 1; }; }
 bench_start=$(date +%s)
@@ -121,7 +122,20 @@ for batch in ${BATCHES:-1 32}; do
   bench "sample512-b$batch" sample --variant "$VARIANT" $BENCH_EXTRA --image-size 512 --batch "$batch" --dtype bfloat16 \
     --strategies "baseline,sdtm,sdtm:max_phases=2" --steps 20 --repeats "${SAMPLE_REPEATS:-3}"
 done
-# 6. (About 1 min.) CUDA graphs for the loops: XLA records runs of fusions into command buffers by
+# 6. (About 2 min.) The MLP's GELU as a GEMM epilogue. XLA's default GEMMs are Triton fusions
+# that leave bias + GELU to a kernel of their own: at batch 8 it reads and writes the [8192, 4608]
+# hidden activations, 151 MB per block. With cuBLASLt and no Triton GEMMs XLA calls cuBLASLt with
+# a BIAS_GELU epilogue instead (seen in the program compiled for an H200 without a card,
+# docs/gpu_compile.py, 2026-12-08), so that kernel goes; whether cuBLAS's GEMMs are as fast as
+# the autotuned Triton ones only the card says. Compare with steps 1 and 2 on the same machine.
+(
+  export XLA_FLAGS="${CUBLASLT_FLAGS:---xla_gpu_enable_cublaslt=true --xla_gpu_enable_triton_gemm=false}"
+  bench cublaslt-fwd512 forward --variant "$VARIANT" $BENCH_EXTRA --image-size 512 --batch 8 --dtype bfloat16 \
+    --repeats "$REPEATS" --strategies "baseline,ssm:0.5,idm:0.5"
+  bench cublaslt-sample512 sample --variant "$VARIANT" $BENCH_EXTRA --image-size 512 --batch 8 --dtype bfloat16 \
+    --strategies "baseline,sdtm,sdtm*4" --steps 20 --repeats "${SAMPLE_REPEATS:-3}"
+)
+# 7. (About 1 min.) CUDA graphs for the loops: XLA records runs of fusions into command buffers by
 # default, but not while loops (the scans over the steps and the blocks), so every block of every
 # step launches from the host. +WHILE records whole loops where the body allows it; compiled for
 # an H200 without a card (jaxlib 0.10.2, docs/gpu_compile.py) the cuDNN call and the weight copies
