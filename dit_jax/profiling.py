@@ -147,7 +147,7 @@ def loop_kernels(hlo_text: str) -> collections.Counter:
     (a loop's known trip count; nested loops multiply, as when k blocks share a plan). Divided
     by the model's depth it is what one scanned block launches, the kernels on a GPU.
 
-    kind: "gemm" (a fusion around a dot), "sort", "scatter", "cudnn" (a cuDNN call), "weight
+    kind: "gemm" (a fusion around a dot, or a cuBLAS call), "sort", "scatter", "cudnn" (a cuDNN call), "weight
     copy" (a fusion that only slices and copies, e.g. one block's weights out of the stacked
     ones), else XLA's fusion kind ("loop": elementwise, "input": a reduction, "custom", ...) or
     the opcode. region: as `region_of` reads the op's scope."""
@@ -177,6 +177,8 @@ def loop_kernels(hlo_text: str) -> collections.Counter:
 def _kernel_kind(line: str, opcode: str, inner: set[str]) -> str:
     """What one launched op (a line of a computation, its opcode, the opcodes it calls) does."""
     if opcode == "custom-call":
+        if "__cublas" in line:  # a library GEMM (with `--xla_gpu_enable_triton_gemm=false`)
+            return "gemm"
         return "cudnn" if "cudnn" in line else "sort" if _TOP_K.search(line) else "custom-call"
     for kind in ("dot", "sort", "scatter"):
         if kind in inner or opcode == kind:

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from dit_jax import bench
+from dit_jax import bench, profiling
 from dit_jax.profiling import (
     OTHER,
     REGIONS,
@@ -161,6 +161,13 @@ def test_loop_kernels_multiply_nested_loops_and_name_kinds():
     assert counts[("sort", "merge_plan")] == 12  # 3 inner iterations in each of 4 outer ones
     assert counts[("sort", OTHER)] == 4 and counts[("scatter", OTHER)] == 4
     assert loop_kernels(jax.jit(jnp.sin).lower(jnp.ones(8)).compile().as_text()) == {}  # no loop, nothing counted
+
+
+def test_kernel_kind_names_library_gemms_and_cudnn():
+    gemm = '%cublas-lt-matmul.1 = (bf16[8192,4608]{1,0}, s8[4194304]{0}) custom-call(%a, %b), custom_call_target="__cublas$lt$matmul"'
+    attention = '%fmha = (bf16[8,16,1024,72]{3,1,2,0}, u8[0]{0}) custom-call(%q, %k, %v), custom_call_target="__cudnn$fmhaSoftmax"'
+    assert profiling._kernel_kind(gemm, "custom-call", set()) == "gemm"
+    assert profiling._kernel_kind(attention, "custom-call", set()) == "cudnn"
 
 
 def test_loop_kernels_of_a_dit_count_a_shared_plan_once_per_group():
