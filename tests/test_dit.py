@@ -1,5 +1,7 @@
 """DiT forward parity with diffusers' DiTTransformer2DModel on the same (random) weights."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -184,3 +186,27 @@ def test_shared_plans_read_the_stack_in_place():
 
         compiled = jax.jit(forward).lower(params).compile()
         assert compiled.memory_analysis().temp_size_in_bytes < weights / 8, every
+
+
+def test_adaln_tables_are_computed_before_the_blocks():
+    """Every block's adaLN table comes from one matmul before the blocks: the scanned block
+    neither slices its [D, 6D] kernel out of the stack (a copy per block on a GPU) nor multiplies
+    by it, and each block's table equals its own adaLN linear's."""
+    cfg = variant("DiT-S/2", input_size=8, num_classes=10, depth=3, hidden_size=64, num_heads=2)
+    model = DiT(cfg, rngs=nnx.Rngs(4))
+    c = jax.random.normal(jax.random.key(2), (2, 64))
+    tables = model.blocks.modulation(c)  # (depth, B, 6D)
+    assert tables.shape == (3, 2, 384)
+    for i in range(3):
+        block = model.block(i)
+        np.testing.assert_allclose(tables[i], block.adaLN_modulation(jax.nn.silu(c)), rtol=1e-5, atol=1e-6)
+    graphdef, params = nnx.split(model)
+    x = jnp.zeros((2, 8, 8, 4))
+    t, y = jnp.array([5, 9]), jnp.array([1, 2])
+
+    def forward(params):
+        return nnx.merge(graphdef, params).forward_merged(x, t, y, scan_blocks=True)[0]
+
+    text = jax.jit(forward).lower(params).compile().as_text()
+    assert "while" in text
+    assert not re.search(r"f32\[(1,)?64,384\]", text), "a block reads its own adaLN kernel inside the loop"

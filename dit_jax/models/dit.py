@@ -144,10 +144,26 @@ class DiTBlock(nnx.Module):
         self.mlp = Mlp(d, int(d * cfg.mlp_ratio), rngs=rngs, dtype=dtype, param_dtype=dtype)
         self.adaLN_modulation = _linear(d, 6 * d, rngs, dtype)
 
+    def modulation(self, c: jax.Array) -> jax.Array:
+        """adaLN: the conditioning c (B, D) -> this block's shift/scale/gate table (B, 6D).
+
+        Called on the stacked blocks (`DiT.blocks`, kernel (depth, D, 6D)) it gives every
+        block's table at once, (depth, B, 6D): one matmul before the blocks run instead of a
+        small one inside each (in the scanned sampler, each of those also copied its [D, 6D]
+        kernel out of the stack: 16 MB per block for DiT-XL/2 in bf16).
+        """
+        kernel, bias = self.adaLN_modulation.kernel[...], self.adaLN_modulation.bias[...]
+        h = jax.nn.silu(c).astype(kernel.dtype)  # (B, D)
+        # Stacked: a batched matmul over the blocks (h repeated per block, which is small), so
+        # each block's kernel is read in place; contracting (B, D) with (depth, D, 6D) directly
+        # made XLA transpose the whole stack first.
+        h = jnp.broadcast_to(h, (*kernel.shape[:-2], *h.shape))  # (depth, B, D) or (B, D)
+        return jnp.einsum("...bd,...de->...be", h, kernel) + bias[..., None, :]
+
     def __call__(
         self,
         x: jax.Array,  # (B, N, D)
-        c: jax.Array,  # (B, D)
+        modulation: jax.Array,  # (B, 6D): self.modulation(c)
         merger: BlockMerger | None = None,
         state: MergeState | None = None,
         grid: tuple[int, int] | None = None,
@@ -163,9 +179,7 @@ class DiTBlock(nnx.Module):
           (1 - cache_weight) * the cache (the official release's `mcw` blend).
         branches (2, B, N, D): this call's gated attention and MLP outputs (a new cache).
         """
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(
-            self.adaLN_modulation(jax.nn.silu(c)), 6, axis=-1
-        )
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(modulation, 6, axis=-1)
         h = modulate(layer_norm(x), shift_msa, scale_msa)  # (B, N, D): the merge metric
         attn_branch, (attn_plan, mlp_plan), state = attention_branch(
             self.attn, h, gate_msa, merger, state, grid, plans, cache, cache_weight)
@@ -190,6 +204,9 @@ class FinalLayer(nnx.Module):
 class DiT(nnx.Module):
     # Branch outputs per block in SDTM's protected-step cache (`forward_merged`): attention, MLP.
     CACHED_BRANCHES = 2
+    # `run_blocks` hands each block its adaLN table, `DiTBlock.modulation(c)` (the scanned
+    # blocks: all tables from one matmul before the loop); False: c itself (PixArt's context).
+    PER_BLOCK_MODULATION = True
 
     def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         config.validate()
@@ -249,17 +266,21 @@ class DiT(nnx.Module):
         return (out, merge_state, branches) if return_branches else (out, merge_state)
 
     def run_blocks(self, tokens, c, merger, merge_state, scan, cache, cache_weight, collect):
-        """Every block on tokens (B, N, D) with the blocks' conditioning `c` -> (tokens, merge
-        state, branches (depth, CACHED_BRANCHES, B, N, D) when `collect`, else None). As scans, or
-        (scan False) one after another; blocks share plans in groups of the merger's plan_every."""
+        """Every block on tokens (B, N, D) with the conditioning `c` (see PER_BLOCK_MODULATION)
+        -> (tokens, merge state, branches (depth, CACHED_BRANCHES, B, N, D) when `collect`, else
+        None). As scans, or (scan False) one after another, each block computing its own table
+        (in a train step this compiles fewer distinct kernels than slicing one matmul's result);
+        blocks share plans in groups of the merger's plan_every."""
         every = getattr(merger, "plan_every", 1) if merger is not None else 1
         if scan:
             return self._scan_blocks(tokens, c, merger, merge_state, every, cache, cache_weight, collect)
         plans, branches = None, []
         for i, block in enumerate(unstack_module(self.blocks)):
             reuse = plans if i % every else None
+            block_c = block.modulation(c) if self.PER_BLOCK_MODULATION else c
             tokens, merge_state, plans, block_branches = block(
-                tokens, c, merger, merge_state, self.config.grid, reuse, None if cache is None else cache[i], cache_weight
+                tokens, block_c, merger, merge_state, self.config.grid, reuse, None if cache is None else cache[i],
+                cache_weight,
             )
             branches.append(block_branches)
         return tokens, merge_state, jnp.stack(branches) if collect else None
@@ -272,12 +293,14 @@ class DiT(nnx.Module):
         `collect`, else None: the scans then carry no per-block outputs at all)."""
         graphdef, stacked = nnx.split(self.blocks)
         grid = self.config.grid
-        layers = (stacked, cache)  # scanned together; cache None scans as nothing
+        per_block = self.PER_BLOCK_MODULATION
+        tables = self.blocks.modulation(c) if per_block else None  # (depth, B, 6D)
+        layers = (stacked, cache, tables)  # scanned together; None scans as nothing
 
         def run(layer, tokens, merge_state, plans=None):
-            block_state, block_cache = layer
+            block_state, block_cache, block_c = layer
             block = nnx.merge(graphdef, block_state)
-            return block(tokens, c, merger, merge_state, grid, plans, block_cache, cache_weight)
+            return block(tokens, block_c if per_block else c, merger, merge_state, grid, plans, block_cache, cache_weight)
 
         if every == 1:
             def one_block(carry, layer):

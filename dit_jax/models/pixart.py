@@ -289,6 +289,7 @@ _COND_SHAPES = {"text": "(B, L, caption_channels)", "text_mask": "(B, L)", "reso
 class PixArt(nnx.Module):
     # Branch outputs per block in SDTM's protected-step cache: self-attention, MLP, cross-attention.
     CACHED_BRANCHES = 3
+    PER_BLOCK_MODULATION = False  # every block reads the whole BlockContext (see DiT)
 
     def __init__(self, config: PixArtConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         config.validate()
@@ -304,9 +305,9 @@ class PixArt(nnx.Module):
         self.blocks = stack_modules([PixArtBlock(config, rngs=rngs, dtype=dtype) for _ in range(config.depth)])
         self.final_layer = FinalLayer(config, rngs=rngs, dtype=dtype)
 
-    # Shared with DiT as they are: they read only config.{grid, depth, patch_size, out_channels}
-    # and self.blocks (stacked), and call each block as block(x, c, merger, state, grid, plans,
-    # cache, cache_weight), which PixArtBlock follows with c a BlockContext.
+    # Shared with DiT as they are: they read only config.{grid, depth, patch_size, out_channels},
+    # PER_BLOCK_MODULATION and self.blocks (stacked), and call each block as block(x, c, merger,
+    # state, grid, plans, cache, cache_weight), which PixArtBlock follows with c a BlockContext.
     block = DiT.block
     run_blocks = DiT.run_blocks
     _scan_blocks = DiT._scan_blocks
