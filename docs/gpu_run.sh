@@ -10,6 +10,10 @@
 #   VARIANT=DiT-S/2 PIXART=PixArt-alpha-XL/2-256 PIXART_SIZE=256 BENCH_EXTRA="--depth 1 --input-size 16" \
 #   REPEATS=2 SAMPLE_REPEATS=1 BATCHES=1 MERGE_TOKENS=256 BUDGET=3000 \
 #   CARD_MEMORY_EXTRA="--sizes 256 --t5-layers 1 --depth 1 --steps 2" bash docs/gpu_run.sh
+# The cards' image holds jax 0.11.2 (Python 3.12), this VM jax 0.10.2: the same dry run in a
+# Python 3.12 venv with jax/jaxlib 0.11.2, flax 0.12.10, numpy 2.5.2 and orbax-checkpoint 0.12.8
+# (PATH=/tmp/venv312/bin:$PATH bash docs/gpu_run.sh ..., 2026-12-08) ran every step in 3 min but
+# the two --torch ones, which stopped at the missing torch (there on the cards).
 # Everything after the set-up shares BUDGET seconds (default 480), most important first; what
 # does not fit is skipped, and the table of what ran prints last.
 set -uo pipefail
