@@ -196,7 +196,7 @@ def test_adaln_tables_are_computed_before_the_blocks():
     model = DiT(cfg, rngs=nnx.Rngs(4))
     c = jax.random.normal(jax.random.key(2), (2, 64))
     tables = model.blocks.modulation(c)  # (depth, B, 6D)
-    assert tables.shape == (3, 2, 384)
+    assert tables.shape == (3, 2, 384) and float(jnp.abs(tables).min()) > 0
     for i in range(3):
         block = model.block(i)
         np.testing.assert_allclose(tables[i], block.adaLN_modulation(jax.nn.silu(c)), rtol=1e-5, atol=1e-6)

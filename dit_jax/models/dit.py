@@ -136,7 +136,8 @@ class LabelEmbedder(nnx.Module):
 
 
 class DiTBlock(nnx.Module):
-    """adaLN-Zero block: shift/scale/gate for attention and MLP from the conditioning."""
+    """adaLN-Zero block: shift/scale/gate for attention and MLP from its table of the
+    conditioning (`modulation`, which `DiT` computes for all blocks at once)."""
 
     def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs, dtype):
         d = cfg.hidden_size
