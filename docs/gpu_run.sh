@@ -52,7 +52,7 @@ BUDGET=${BUDGET:-480}  # seconds for everything below; the device call's limit i
 # ONLY: the steps to run, by name (default: all), e.g. a second call on the warm machine for what the
 # first one's budget skipped: ONLY="card_memory bench_merge fwd256 sample512-b1 sample512-b32".
 # Names: sample512-b8 fwd512 align512 pixart1024 card_memory bench_merge fwd256 sample512-b1 sample512-b32
-# cublaslt-fwd512 cublaslt-sample512 graphs512.
+# cublaslt-fwd512 cublaslt-sample512 graphs512 old-vs-new.
 ONLY=${ONLY:-}
 wanted() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]] || { stamp "skip $1: not in ONLY"; return 1; }; }
 bench_start=$(date +%s)
@@ -150,6 +150,28 @@ done
   bench graphs512 sample --variant "$VARIANT" $BENCH_EXTRA --image-size 512 --batch 8 --dtype bfloat16 \
     --strategies "baseline,sdtm,sdtm*4,sdtm:protect_every=3,cache_weight=0.0,switch_step=0.7" --steps 20 --repeats "${SAMPLE_REPEATS:-3}"
 )
+# 8. (About 1 min, only when .old/ was carried.) A change timed side by side with the code before
+# it: .old/ holds an earlier commit's dit_jax and sdtm, made here with
+#   mkdir -p .old && git archive REV dit_jax sdtm ':(exclude)dit_jax/assets' | tar -x -C .old
+# (e.g. REV=275fd77: the blocks' adaLN tables computed inside the block loop; 1 MB), and carried
+# along. The baseline forward runs from both trees in alternating processes, three rounds
+# (OLD_ROUNDS), each writing its JSON. Each runs from its tree's folder: `python -m` puts the
+# working folder first on the path, before PYTHONPATH.
+left=$(( BUDGET - ($(date +%s) - bench_start) ))
+if [ ! -d .old/dit_jax ] || ! wanted old-vs-new; then :
+elif [ "$left" -ge 60 ]; then
+  stamp "old-vs-new: the baseline forward from .old/ and from this tree, alternating"
+  for round in $(seq 1 "${OLD_ROUNDS:-3}"); do
+    for tree in old new; do
+      root=$PWD; [ "$tree" = old ] && root=$PWD/.old
+      (cd "$root" && PYTHONPATH="$root:$PYTHONPATH" timeout 60 python3 -m dit_jax.bench forward --variant "$VARIANT" \
+        $BENCH_EXTRA --image-size 512 --batch 8 --dtype bfloat16 --repeats "$REPEATS" --strategies baseline \
+        --json "$OUT/old-vs-new-$tree-$round.json") 2>&1 | grep -E "^baseline" | sed "s/^/$tree $round: /" | tee -a "$OUT/bench.log"
+    done
+  done
+else
+  stamp "skip old-vs-new: the budget is spent"
+fi
 stamp "done"
 python3 -m dit_jax.bench_report "$OUT"/bench-*.json > "$OUT/tables.md" 2>&1  # the markdown tables for docs/benchmarks.md
 [ -f "$OUT/bench.log" ] && grep -E "^#|^[a-z]" "$OUT/bench.log" | grep -v "^wrote"
