@@ -147,10 +147,10 @@ def loop_kernels(hlo_text: str) -> collections.Counter:
     (a loop's known trip count; nested loops multiply, as when k blocks share a plan). Divided
     by the model's depth it is what one scanned block launches, the kernels on a GPU.
 
-    kind: "gemm" (a fusion around a dot, or a cuBLAS call), "sort", "scatter", "cudnn" (a cuDNN call), "weight
-    copy" (a fusion that only slices and copies, e.g. one block's weights out of the stacked
-    ones), else XLA's fusion kind ("loop": elementwise, "input": a reduction, "custom", ...) or
-    the opcode. region: as `region_of` reads the op's scope."""
+    kind: "gemm" (a fusion around a dot, or a cuBLAS call), "sort", "scatter", "cudnn" (a cuDNN
+    call), "weight copy" (a fusion that only slices and copies, e.g. one block's weights out of
+    the stacked ones), else XLA's fusion kind ("loop": elementwise, "input": a reduction,
+    "custom", ...) or the opcode. region: as `region_of` reads the op's scope."""
     computations, entry = _computations(hlo_text)
     counts: collections.Counter = collections.Counter()
 

@@ -150,10 +150,10 @@ done
   bench graphs512 sample --variant "$VARIANT" $BENCH_EXTRA --image-size 512 --batch 8 --dtype bfloat16 \
     --strategies "baseline,sdtm,sdtm*4,sdtm:protect_every=3,cache_weight=0.0,switch_step=0.7" --steps 20 --repeats "${SAMPLE_REPEATS:-3}"
 )
-# 8. (About 1 min, only when .old/ was carried.) A change timed side by side with the code before
+# 8. (Six short processes, only when .old/ was carried.) A change timed side by side with the code before
 # it: .old/ holds an earlier commit's dit_jax and sdtm, made here with
 #   mkdir -p .old && git archive REV dit_jax sdtm ':(exclude)dit_jax/assets' | tar -x -C .old
-# (e.g. REV=275fd77: the blocks' adaLN tables computed inside the block loop; 1 MB), and carried
+# (e.g. REV=275fd77: the blocks' adaLN tables computed inside the block loop; 580 KB), and carried
 # along. The baseline forward runs from both trees in alternating processes, three rounds
 # (OLD_ROUNDS), each writing its JSON. Each runs from its tree's folder: `python -m` puts the
 # working folder first on the path, before PYTHONPATH.

@@ -294,14 +294,14 @@ class DiT(nnx.Module):
         `collect`, else None: the scans then carry no per-block outputs at all)."""
         graphdef, stacked = nnx.split(self.blocks)
         grid = self.config.grid
-        per_block = self.PER_BLOCK_MODULATION
-        tables = self.blocks.modulation(c) if per_block else None  # (depth, B, 6D)
+        tables = self.blocks.modulation(c) if self.PER_BLOCK_MODULATION else None  # (depth, B, 6D)
         layers = (stacked, cache, tables)  # scanned together; None scans as nothing
 
         def run(layer, tokens, merge_state, plans=None):
-            block_state, block_cache, block_c = layer
+            block_state, block_cache, table = layer
             block = nnx.merge(graphdef, block_state)
-            return block(tokens, block_c if per_block else c, merger, merge_state, grid, plans, block_cache, cache_weight)
+            block_c = c if table is None else table
+            return block(tokens, block_c, merger, merge_state, grid, plans, block_cache, cache_weight)
 
         if every == 1:
             def one_block(carry, layer):
