@@ -130,7 +130,7 @@ done
 # that leave bias + GELU to a kernel of their own: at batch 8 it reads and writes the [8192, 4608]
 # hidden activations, 151 MB per block. With cuBLASLt and no Triton GEMMs XLA calls cuBLASLt with
 # a BIAS_GELU epilogue instead (seen in the program compiled for an H200 without a card,
-# docs/gpu_compile.py, 2026-12-08), so that kernel goes; whether cuBLAS's GEMMs are as fast as
+# docs/device_compile.py, 2026-12-08), so that kernel goes; whether cuBLAS's GEMMs are as fast as
 # the autotuned Triton ones only the card says. Compare with steps 1 and 2 on the same machine.
 (
   export XLA_FLAGS="${CUBLASLT_FLAGS:---xla_gpu_enable_cublaslt=true --xla_gpu_enable_triton_gemm=false}"
@@ -142,7 +142,7 @@ done
 # 7. (About 1 min.) CUDA graphs for the loops: XLA records runs of fusions into command buffers by
 # default, but not while loops (the scans over the steps and the blocks), so every block of every
 # step launches from the host. +WHILE records whole loops where the body allows it; compiled for
-# an H200 without a card (jaxlib 0.10.2, docs/gpu_compile.py) the cuDNN call and the weight copies
+# an H200 without a card (jaxlib 0.10.2, docs/device_compile.py) the cuDNN call and the weight copies
 # stayed outside and so did the loop. If the merged strategies gain more than the baseline here,
 # the card's XLA did better, and the plans' small kernels were bound by launches.
 (

@@ -168,7 +168,7 @@ def merge_matmul(plan: MergePlan, x: jax.Array) -> jax.Array:
     which slot each source joins, times the scaled offsets [B, R, C], added to the last D slots
     (D = `plan.dst_slots`, the destinations of a bipartite plan; else every slot, D = M). No
     scatter (XLA:GPU lowers a float scatter-add to atomics: in jaxlib 0.10.2 a compare-and-swap
-    loop for a T4 or an A100, Hopper's native vector add for an H100/H200; docs/gpu_compile.py),
+    loop for a T4 or an A100, Hopper's native vector add for an H100/H200; docs/device_compile.py),
     at 2 * D * R * C FLOPs per row: 0.3 GFLOP for DiT-XL/2's 1024 tokens
     merging half into 256 destinations, dense work for a matrix unit, dearer than the scatter
     on a CPU.
