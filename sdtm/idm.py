@@ -130,6 +130,8 @@ class IDMMerger:
         grid: tuple[int, int],
         key_attention: jax.Array | None = None,
     ) -> tuple[None, MergePlan | None, MergeState]:
+        """No attention plan, the MLP plan from `idm_plan` (ranked by `key_attention` when
+        score="attention"): see `BlockMerger.build`."""
         check_state(state, metric)
         if self.merge_count == 0:
             return None, None, state

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 from sdtm.frequency import frequency_priority, update_counter
 from sdtm.ops import MergePlan, merged_mask
 
-# The merge state: {"counter": float32 [B, N] frequency-priority counters, "key": PRNG key}.
+# The merge state (`init_state` makes it): {"counter": float32 [B, N] frequency-priority
+# counters, "key": a PRNG key}, a plain dict so that it is a pytree.
 MergeState = dict
 
 
@@ -39,6 +40,8 @@ def init_state(batch: int, num_tokens: int, key: jax.Array | None = None) -> Mer
 
 
 class BlockMerger(Protocol):
+    """What a block asks of a merging strategy (the module docstring has the contract)."""
+
     needs_key_attention: bool
 
     def build(
@@ -48,7 +51,10 @@ class BlockMerger(Protocol):
         *,
         grid: tuple[int, int],
         key_attention: jax.Array | None = None,  # (B, N)
-    ) -> tuple[MergePlan | None, MergePlan | None, MergeState]: ...
+    ) -> tuple[MergePlan | None, MergePlan | None, MergeState]:
+        """One block's (attention plan, MLP plan, new state) from its metric; None: that branch
+        sees every token."""
+        ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +65,7 @@ class NoMerger:
     needs_key_attention: ClassVar[bool] = False
 
     def build(self, metric, state, *, grid, key_attention=None):
+        """(None, None, state): see `BlockMerger.build`."""
         return None, None, state
 
 
@@ -115,6 +122,7 @@ class BatchParallel:
         return getattr(self.inner, "proportional_attention", False)
 
     def build(self, metric, state, *, grid, key_attention=None):
+        """`inner.build` per device on its rows: see `BlockMerger.build`."""
         devices = self.mesh.shape[self.axis]
         batch = metric.shape[0]
         if batch % devices or (batch // devices) % 2 != batch % 2:

@@ -133,6 +133,7 @@ class SSMMerger:
     def build(
         self, metric: jax.Array, state: MergeState, *, grid: tuple[int, int], key_attention=None
     ) -> tuple[MergePlan | None, MergePlan | None, MergeState]:
+        """One window plan for both attention and MLP (`ssm_plan`): see `BlockMerger.build`."""
         check_state(state, metric)
         if self.merge_count == 0:
             return None, None, state

@@ -90,6 +90,8 @@ class ToMeMerger:
     def build(
         self, metric: jax.Array, state: MergeState, *, grid: tuple[int, int], key_attention=None
     ) -> tuple[MergePlan | None, MergePlan | None, MergeState]:
+        """The `tome_plan` for attention and / or MLP (merge_attn, merge_mlp), destinations drawn
+        from the state's key when random: see `BlockMerger.build`."""
         check_state(state, metric)
         if self.merge_count == 0 or not (self.merge_attn or self.merge_mlp):
             return None, None, state

@@ -52,7 +52,7 @@ def test_every_download_is_tagged(notebook):
         if any(marker in _source(cell) for marker in ONLINE_MARKERS):
             assert _online(cell), f"cell {cell['id']} needs the internet or its downloads: tag it {ONLINE!r}"
     online = "\n".join(_source(cell) for cell in code if _online(cell))
-    assert 'pip install -q "dit-jax[convert,cuda] @ git+' in online
+    assert 'pip install -q "dit-jax[convert,text,cuda] @ git+' in online
     assert "wget -nc https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt" in online
     assert "download stabilityai/sd-vae-ft-ema --local-dir sd-vae-ft-ema" in online
     assert "python -m convert.dit DiT-XL-2-256x256.pt ckpts/dit-xl-2-256 --vae sd-vae-ft-ema" in online
