@@ -12,6 +12,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from dit_jax.weights import layout_mismatch
+
 GetTensor = Callable[[str], np.ndarray]
 
 # Weight files of a model directory, in the order they are looked for.
@@ -115,26 +117,9 @@ def check_state_dict(
     expected: Mapping[str, tuple[int, ...]],
 ) -> None:
     """Raise a ConversionError naming every missing key, unexpected key and shape mismatch."""
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    mismatched = [
-        f"  {k}: checkpoint has {tuple(got[k])}, expected {tuple(expected[k])}"
-        for k in sorted(set(got) & set(expected))
-        if tuple(got[k]) != tuple(expected[k])
-    ]
-    if not (missing or unexpected or mismatched):
-        return
-    lines = [f"{source} does not match the expected layout:"]
-    if missing:
-        lines.append(f"missing keys ({len(missing)}):")
-        lines += [f"  {k}" for k in missing]
-    if unexpected:
-        lines.append(f"unexpected keys ({len(unexpected)}):")
-        lines += [f"  {k}" for k in unexpected]
-    if mismatched:
-        lines.append(f"shape mismatches ({len(mismatched)}):")
-        lines += mismatched
-    raise ConversionError("\n".join(lines))
+    message = layout_mismatch(source, got, expected, found="checkpoint has")
+    if message:
+        raise ConversionError(message)
 
 
 def torch_linear(weight: np.ndarray) -> np.ndarray:

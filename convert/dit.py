@@ -89,11 +89,16 @@ def infer_config(
                 f"depth {depth} x width {hidden} is not one of the paper's variants: pass --num-heads"
             )
     rows = sd["y_embedder.embedding_table.weight"].shape[0]
-    return DiTConfig(
+    config = DiTConfig(
         input_size=input_size, patch_size=patch, in_channels=in_channels, hidden_size=hidden, depth=depth,
         num_heads=num_heads, num_classes=rows - 1, class_dropout_prob=0.1,
         learn_sigma=out_channels == 2 * in_channels,
     )
+    try:
+        config.validate()  # e.g. --num-heads that does not divide the width: refused before anything is written
+    except ValueError as e:
+        raise ConversionError(f"the checkpoint's model cannot be built: {e}") from e
+    return config
 
 
 def diffusers_to_official(sd: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -264,7 +269,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"found VAE: {vae_cfg}")
         class_names = None
         if args.class_names:
-            class_names = tuple(json.loads(Path(args.class_names).read_text()))
+            try:
+                class_names = tuple(json.loads(Path(args.class_names).read_text()))
+            except (OSError, json.JSONDecodeError, TypeError) as e:
+                raise ConversionError(f"--class-names {args.class_names}: not a readable JSON list of names ({e})") from e
+            if not all(isinstance(name, str) for name in class_names):
+                raise ConversionError(f"--class-names {args.class_names}: every class name must be a string")
             if len(class_names) != cfg.num_classes:
                 raise ConversionError(f"{len(class_names)} class names for {cfg.num_classes} classes")
         info = {"converted_from": str(Path(args.src).name), "layout": "diffusers" if notes[:1] and

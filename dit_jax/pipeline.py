@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from collections.abc import Sequence
 
@@ -269,6 +270,7 @@ def prepare(
     """Validate every argument (before anything compiles) and build the static plan and the
     traced inputs of `_run`, placed on the devices they run on. Returns (plan, args).
     None for sampler / steps / cfg_scale takes the family's default (FAMILY_DEFAULTS)."""
+    _check_inputs(weights, prompt, seed, num_images, cfg_scale)
     cfg = weights.config.dit
     defaults = FAMILY_DEFAULTS[weights.config.family]
     sampler = defaults.sampler if sampler is None else sampler
@@ -304,8 +306,10 @@ def prepare(
                 f"latents have shape {tuple(x_T.shape)}; this model samples {shape} "
                 f"(batch, {cfg.input_size}, {cfg.input_size}, {cfg.in_channels}) for {count} image(s)"
             )
+        if not bool(jnp.isfinite(x_T).all()):
+            raise ValueError("latents hold NaN or infinite values")
     sharding = data_sharding(count, mesh)
-    guided = cfg_scale != 1.0
+    guided = float(cfg_scale) != 1.0  # static: whether the program guides at all
     sdtm = sdtm_lib.SDTMConfig() if sdtm is True else sdtm
     _check_prompt_weight(weights, sdtm)
     phases = merge_phases(sdtm, int(steps), cfg.num_tokens, cfg.grid)
@@ -351,6 +355,34 @@ def prepare(
         args = (jax.device_put(weights, replicated), jax.device_put(x_T, sharding),
                 jax.device_put(cond, sharding), *jax.device_put(args[3:], replicated))
     return plan, args
+
+
+def _is_int(value) -> bool:
+    return not isinstance(value, (bool, np.bool_)) and (
+        isinstance(value, (int, np.integer))
+        or (isinstance(value, jax.Array) and value.ndim == 0 and jnp.issubdtype(value.dtype, jnp.integer)))
+
+
+def _check_inputs(weights, prompt, seed, num_images, cfg_scale) -> None:
+    """Clear errors for arguments of the wrong kind (before anything else reads them)."""
+    if not isinstance(weights, Weights):
+        hint = f": load it first, sample(load({weights!r}), ...)" if isinstance(weights, (str, os.PathLike)) else ""
+        raise ValueError(f"weights must be a dit_jax Weights (what load() returns), got {type(weights).__name__}{hint}")
+    one = (str, int, np.integer)
+    if not isinstance(prompt, dict) and (isinstance(prompt, bool) or not (
+            isinstance(prompt, one) or (isinstance(prompt, (list, tuple))
+                                       and all(isinstance(p, one) and not isinstance(p, bool) for p in prompt)))):
+        raise ValueError(f"prompt must be a class name or id, a text, or a list of them (or text_condition's dict), "
+                         f"got {prompt!r}")
+    if not _is_int(seed) or not -(2**63) <= int(seed) < 2**63:
+        raise ValueError(f"seed must be an int (64-bit), got {seed!r}")
+    if num_images is not None and (not _is_int(num_images) or int(num_images) < 1):
+        raise ValueError(f"num_images must be an int >= 1 (or None: one image per prompt), got {num_images!r}")
+    if cfg_scale is not None:
+        number = isinstance(cfg_scale, (int, float, np.integer, np.floating)) or (
+            isinstance(cfg_scale, jax.Array) and cfg_scale.ndim == 0)
+        if isinstance(cfg_scale, (bool, np.bool_)) or not number or not np.isfinite(float(cfg_scale)):
+            raise ValueError(f"cfg_scale must be a finite number (1.0: no guidance), got {cfg_scale!r}")
 
 
 def to_host(result: jax.Array) -> np.ndarray:

@@ -45,6 +45,44 @@ def write_png(path: Path, image: np.ndarray, metadata: dict[str, str]) -> None:
     Image.fromarray(image[..., 0] if mode == "L" else image, mode=mode).save(path, pnginfo=info)
 
 
+# SDTM's flags and their defaults: given without --sdtm they would change nothing.
+SDTM_FLAGS = {"ratio": None, "deviation": None, "switch_step": None, "plan_every": 1, "protect_every": None,
+              "cache_weight": 1.0, "prompt_weight": None}
+
+
+def _check_args(args) -> None:
+    """Refuse what the command would otherwise ignore or find out only after sampling."""
+    given = [f"--{name.replace('_', '-')}" for name, default in SDTM_FLAGS.items() if getattr(args, name) != default]
+    if given and not args.sdtm:
+        raise ValueError(f"{', '.join(given)} set(s) the SDTM row: add --sdtm")
+    shared = [flag for flag, on in (("--proportional-attention", args.proportional_attention),
+                                    ("--merge-sum", args.merge_sum is not None)) if on]
+    if shared and not (args.sdtm or args.tome is not None):
+        raise ValueError(f"{', '.join(shared)} set(s) the SDTM and ToMe rows: add --sdtm or --tome RATIO")
+    if args.no_baseline and not (args.sdtm or args.tome is not None):
+        raise ValueError("--no-baseline leaves no row: add --sdtm or --tome RATIO")
+    if args.num_images is not None:
+        if args.num_images < 1:
+            raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+        if len(args.prompts) > 1:
+            raise ValueError(f"--num-images repeats one prompt; {len(args.prompts)} prompts were given (one image each)")
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out {args.out}: the grid is written as a PNG (with the prompts in its metadata); "
+                         "give a file name ending in .png")
+    if out.is_dir():
+        raise ValueError(f"--out {args.out} is a folder; give a file name ending in .png")
+    existed = out.exists()
+    try:  # can the file be written? (found out now, not after sampling; a new file is removed again)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "ab"):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {args.out}: cannot write it ({e.strerror or e})") from e
+    if not existed:
+        out.unlink()
+
+
 def _methods(args) -> list[tuple[str, object]]:
     methods: list[tuple[str, object]] = [("baseline", False)]
     shared = {"proportional_attention": args.proportional_attention}  # settings of both methods
@@ -54,6 +92,8 @@ def _methods(args) -> list[tuple[str, object]]:
         settings = {"plan_every": args.plan_every, "protect_every": args.protect_every, "cache_weight": args.cache_weight}
         if args.ratio is not None:
             settings["ratio"] = args.ratio
+        if args.deviation is not None:
+            settings["deviation"] = args.deviation
         if args.switch_step is not None:
             settings["switch_step"] = args.switch_step
         if args.prompt_weight is not None:
@@ -78,6 +118,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--num-images", type=int, help="images per prompt when one prompt is given")
     ap.add_argument("--sdtm", action="store_true", help="add a row sampled with SDTM (defaults)")
     ap.add_argument("--ratio", type=float, help="SDTM compression ratio (default 0.5)")
+    ap.add_argument("--deviation", type=float, help="SDTM: the ratio falls from ratio + deviation to ratio - deviation "
+                                                    "(default 0.2)")
     ap.add_argument("--switch-step", type=float, help="SDTM: fraction of the steps in the structure stage (default 0.4)")
     ap.add_argument("--plan-every", type=int, default=1, help="SDTM: blocks sharing one merge plan")
     ap.add_argument("--protect-every", type=int, help="SDTM: a full-resolution step every K steps (official release: 3)")
@@ -106,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import jax.numpy as jnp
 
+        _check_args(args)
         methods = _methods(args)
         if args.compile_cache:
             use_compilation_cache(args.compile_cache)
@@ -119,12 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             prompts = [int(i) for i in class_ids(prompts, names, weights.config.dit.num_classes)]
             shown = [class_label(i, names) for i in prompts]
+        # Every row checked before any compiles: a bad setting fails now, not after the baseline.
+        prepared = [(label, *prepare(
+            weights, prompts, sdtm=method, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg,
+            seed=args.seed, progress=(args.steps or 0) >= 100, negative_prompt=args.negative_prompt,
+        )) for label, method in methods]
         rows, timings = [], []
-        for label, method in methods:
-            plan, call_args = prepare(
-                weights, prompts, sdtm=method, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg,
-                seed=args.seed, progress=(args.steps or 0) >= 100, negative_prompt=args.negative_prompt,
-            )
+        for label, plan, call_args in prepared:
             print(f"{label}: compiling {len(plan.phases)} phase(s) "
                   f"{[(p.strategy, p.merge_count, p.stop - p.start) for p in plan.phases]}", flush=True)
             images, compile_s, run_s = compile_and_run(plan, call_args)
@@ -139,8 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(timings) > 1 and timings[0][0] == "baseline":
         for label, _, run_s in timings[1:]:
             print(f"{label}: {base / run_s:.2f}x the baseline's speed (one run each; use dit_jax.bench for medians)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)  # checked, its folder made, before loading (_check_args)
     meta = {
         "prompts": json.dumps(shown),
         "rows": json.dumps([t[0] for t in timings]),

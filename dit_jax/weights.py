@@ -178,8 +178,27 @@ def abstract_module(cls: type[nnx.Module], config, dtype) -> nnx.Module:
 
 
 @functools.lru_cache(maxsize=None)
+def _abstract_split(cls: type[nnx.Module], config, dtype) -> tuple[nnx.GraphDef, dict]:
+    """(graph, parameter shapes as a pure dict) of `cls(config)` in `dtype`, once per process."""
+    graph, state = nnx.split(abstract_module(cls, config, dtype))
+    return graph, nnx.to_pure_dict(state)
+
+
+def _component_class(component: str, config: BundleConfig) -> type[nnx.Module]:
+    """The module class of a bundle component ("dit", "vae" or "text_encoder")."""
+    if component == "dit":
+        return model_class(config.dit)
+    if component == "vae":
+        from dit_jax.models.vae import AutoencoderKL
+
+        return AutoencoderKL
+    from dit_jax.models.t5 import T5Encoder
+
+    return T5Encoder
+
+
 def _dit_graph(config, dtype) -> nnx.GraphDef:
-    return nnx.split(abstract_module(model_class(config), config, dtype))[0]
+    return _abstract_split(model_class(config), config, dtype)[0]
 
 
 def dit_module(weights: Weights):
@@ -196,11 +215,10 @@ def text_encoder_module(weights: Weights):
     return nnx.merge(_t5_graph(weights.config.text_encoder, dtype), weights.text_encoder)
 
 
-@functools.lru_cache(maxsize=None)
 def _t5_graph(config, dtype) -> nnx.GraphDef:
     from dit_jax.models.t5 import T5Encoder
 
-    return nnx.split(abstract_module(T5Encoder, config, dtype))[0]
+    return _abstract_split(T5Encoder, config, dtype)[0]
 
 
 def vae_module(weights: Weights):
@@ -210,11 +228,10 @@ def vae_module(weights: Weights):
     return nnx.merge(_vae_graph(weights.config.vae, jnp.dtype(jax.tree.leaves(weights.vae)[0].dtype)), weights.vae)
 
 
-@functools.lru_cache(maxsize=None)
 def _vae_graph(config, dtype) -> nnx.GraphDef:
     from dit_jax.models.vae import AutoencoderKL
 
-    return nnx.split(abstract_module(AutoencoderKL, config, dtype))[0]
+    return _abstract_split(AutoencoderKL, config, dtype)[0]
 
 
 def use_compilation_cache(directory: str | os.PathLike, min_compile_seconds: float = 0.5) -> None:
@@ -261,6 +278,58 @@ def cast(weights: Weights, dtype) -> Weights:
 
     return dataclasses.replace(weights, dit=one("dit", weights.dit), vae=one("vae", weights.vae),
                                text_encoder=one("text_encoder", weights.text_encoder))
+
+
+def layout_mismatch(source: str, got: dict[str, tuple], expected: dict[str, tuple], *, found: str = "has") -> str | None:
+    """A message naming every missing key, unexpected key and shape mismatch of `got` (key ->
+    shape) against `expected` ("key: <found> (shape), expected (shape)"), or None when they agree."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    mismatched = [
+        f"  {k}: {found} {tuple(got[k])}, expected {tuple(expected[k])}"
+        for k in sorted(set(got) & set(expected))
+        if tuple(got[k]) != tuple(expected[k])
+    ]
+    if not (missing or unexpected or mismatched):
+        return None
+    lines = [f"{source} does not match the expected layout:"]
+    if missing:
+        lines += [f"missing keys ({len(missing)}):", *(f"  {k}" for k in missing)]
+    if unexpected:
+        lines += [f"unexpected keys ({len(unexpected)}):", *(f"  {k}" for k in unexpected)]
+    if mismatched:
+        lines += [f"shape mismatches ({len(mismatched)}):", *mismatched]
+    return "\n".join(lines)
+
+
+def _shapes(tree: dict) -> dict[str, tuple]:
+    """{"blocks/attn/qkv/kernel": shape, ...} of a parameter tree."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in keys): tuple(leaf.shape) for keys, leaf in leaves}
+
+
+def check_bundle(weights: Weights, source: str) -> None:
+    """Raise a ValueError unless every component's parameters are the ones its config describes
+    (every missing or unexpected key by name, every shape mismatch with both shapes)."""
+    config = weights.config
+    described = {"dit": config.dit, "vae": config.vae, "text_encoder": config.text_encoder}
+    problems = []
+    for name, component_config in described.items():
+        tree = getattr(weights, name)
+        if (tree is None) != (component_config is None):
+            problems.append(f"config.json {'describes' if tree is None else 'has no'} a {name}, "
+                            f"but params/ {'holds none' if tree is None else 'holds one'}")
+            continue
+        if tree is None:
+            continue
+        dtype = jnp.dtype(jax.tree.leaves(tree)[0].dtype)
+        expected = _abstract_split(_component_class(name, config), component_config, dtype)[1]
+        message = layout_mismatch(f"its {name} parameters", _shapes(tree), _shapes(expected), found="stored")
+        if message:
+            problems.append(message)
+    if problems:
+        raise ValueError(f"{source}: the stored parameters do not fit its config.json (convert the checkpoint "
+                         "again):\n" + "\n".join(problems))
 
 
 def _string_keys(tree):
@@ -343,12 +412,22 @@ def load(path: str | os.PathLike | None = None, *, dtype=jnp.float32) -> Weights
             "Make one with `python -m convert.dit SRC OUT`."
         )
     tokenizer = path / TOKENIZER_DIR
-    stored_config = json.loads(config_file.read_text())
+    try:
+        stored_config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file} is not valid JSON ({e}): convert the checkpoint again") from e
+    if not isinstance(stored_config, dict):
+        raise ValueError(f"{config_file} holds a {type(stored_config).__name__}, not a bundle config (a JSON object)")
     version = stored_config.get("format_version", 1)
     if version > FORMAT_VERSION:
         raise ValueError(f"{path} is a format-{version} bundle, newer than this dit-jax reads "
                          f"(format {FORMAT_VERSION}): upgrade dit-jax")
-    config = BundleConfig.from_dict(stored_config, tokenizer_dir=str(tokenizer) if tokenizer.is_dir() else None)
+    try:
+        config = BundleConfig.from_dict(stored_config, tokenizer_dir=str(tokenizer) if tokenizer.is_dir() else None)
+    except KeyError as e:
+        raise ValueError(f"{config_file} has no {e.args[0]!r} entry: convert the checkpoint again") from e
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{config_file} is not a valid bundle config: {e}") from e
     if config.text_encoder is not None and config.tokenizer_dir is None:
         raise FileNotFoundError(f"{path} has a text encoder but no {TOKENIZER_DIR}/ folder: convert it again")
     default = jax.config.jax_default_device  # a Device, a platform name or None
@@ -370,4 +449,6 @@ def load(path: str | os.PathLike | None = None, *, dtype=jnp.float32) -> Weights
         tree = _restore_keys(ckptr.restore(path / "params", jax.tree_util.tree_map_with_path(target, stored)))
     if version == 1:  # blocks stored one tree each: stacked here (re-save the bundle to skip this)
         tree["dit"]["blocks"] = stack_trees(tree["dit"].pop("blocks"))
-    return Weights(dit=tree["dit"], vae=tree.get("vae"), config=config, text_encoder=tree.get("text_encoder"))
+    weights = Weights(dit=tree["dit"], vae=tree.get("vae"), config=config, text_encoder=tree.get("text_encoder"))
+    check_bundle(weights, str(path))
+    return weights

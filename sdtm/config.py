@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
+
 from sdtm.frequency import FREQUENCY_MODES
 from sdtm.idm import IDM_SCORES
 from sdtm.ops import as_pair, check_merge_sum
@@ -27,6 +29,15 @@ def _check_plan_every(value) -> None:
         raise ValueError(f"plan_every must be an int >= 1 (1: a plan per block), got {value!r}")
 
 
+def _python_scalars(config) -> None:
+    """NumPy scalars in a config's fields -> the Python int, float or bool they hold (a config is
+    static under jit and checked as Python numbers; an int switch_step is a step, a float a fraction)."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, (np.integer, np.floating, np.bool_)):
+            object.__setattr__(config, field.name, value.item())
+
+
 def _check_flag(name: str, value) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False, got {value!r}")
@@ -34,7 +45,7 @@ def _check_flag(name: str, value) -> None:
 
 def _check_number(name: str, value, low: float, high: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     if not low <= value <= high:
         raise ValueError(f"{name} {value} is outside [{low}, {high}]")
 
@@ -95,6 +106,7 @@ class SDTMConfig:
     merge_sum: str = "scatter"
 
     def __post_init__(self):
+        _python_scalars(self)
         _check_number("ratio", self.ratio, 0.0, 1.0)
         _check_number("deviation", self.deviation, 0.0, 1.0)
         if self.ratio - self.deviation < 0:
@@ -162,6 +174,7 @@ class SDTMConfig:
         return self.switch_step
 
     def replace(self, **changes) -> SDTMConfig:
+        """A copy with these fields changed, checked as a new config is."""
         return dataclasses.replace(self, **changes)
 
 
@@ -190,10 +203,12 @@ class ToMeConfig:
     merge_sum: str = "scatter"
 
     def __post_init__(self):
+        _python_scalars(self)
         _check_number("ratio", self.ratio, 0.0, 1.0)
         _check_plan_every(self.plan_every)
         check_merge_sum(self.merge_sum)
-        _check_flag("proportional_attention", self.proportional_attention)
+        for flag in ("merge_attn", "merge_mlp", "random", "proportional_attention"):
+            _check_flag(flag, getattr(self, flag))
         object.__setattr__(self, "window", _check_window(self.window))
         k = self.window[0] * self.window[1]
         if self.ratio > 1 - 1 / k:
@@ -207,6 +222,7 @@ class ToMeConfig:
             )
 
     def replace(self, **changes) -> ToMeConfig:
+        """A copy with these fields changed, checked as a new config is."""
         return dataclasses.replace(self, **changes)
 
 

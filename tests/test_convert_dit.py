@@ -112,6 +112,16 @@ def test_shape_mismatch_shows_both_shapes(tmp_path, official, capsys):
     assert "blocks.1.mlp.fc1.weight: checkpoint has (1500, 384), expected (1536, 384)" in err
 
 
+def test_heads_that_do_not_divide_the_width_are_refused(tmp_path, official, capsys):
+    assert "hidden_size 384 is not divisible by num_heads 5" in _fails(tmp_path, dict(official), capsys, "--num-heads", "5")
+
+
+def test_class_names_must_be_a_json_list_of_strings(tmp_path, tmp_path_factory, official, capsys):
+    names = tmp_path_factory.mktemp("names") / "names.json"
+    names.write_text("{oops")
+    assert "not a readable JSON list of names" in _fails(tmp_path, dict(official), capsys, "--class-names", str(names))
+
+
 def test_unreadable_file(tmp_path, capsys):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     assert main([str(tmp_path / "bad.pt"), str(tmp_path / "out")]) == 1

@@ -126,6 +126,31 @@ def test_bad_input_fails_before_compiling(weights):
     assert _run._cache_size() == before
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompt=3.0), "prompt must be a class name or id, a text, or a list of them"),
+    (dict(prompt=[["bag"]]), "prompt must be a class name or id"),
+    (dict(num_images=0), "num_images must be an int >= 1"),
+    (dict(num_images=1.5), "num_images must be an int >= 1"),
+    (dict(seed=1.5), "seed must be an int"),
+    (dict(seed=2**70), "seed must be an int"),
+    (dict(cfg_scale="4"), "cfg_scale must be a finite number"),
+    (dict(cfg_scale=float("nan")), "cfg_scale must be a finite number"),
+    (dict(latents=np.full((1, 8, 8, 4), np.nan)), "latents hold NaN"),
+])
+def test_arguments_of_the_wrong_kind_are_named(weights, kwargs, message):
+    kwargs = {"prompt": "bag", **kwargs}
+    with pytest.raises(ValueError, match=message):
+        sample(weights, kwargs.pop("prompt"), steps=2, **kwargs)
+
+
+def test_weights_must_be_loaded_and_numpy_scalars_are_accepted(weights):
+    with pytest.raises(ValueError, match=r"load it first, sample\(load\('ckpts/x'\), \.\.\.\)"):
+        sample("ckpts/x", "bag")
+    # NumPy and jax scalars are numbers too (a jax guidance scale once made the plan unhashable).
+    images = sample(weights, "bag", steps=2, seed=np.int64(3), cfg_scale=jnp.float32(2.0), num_images=np.int64(2))
+    assert images.shape[0] == 2
+
+
 def test_denoise_contract(weights):
     x = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
     out = denoise(weights, x, np.array([10, 500]), np.array([1, 2]))
@@ -152,6 +177,34 @@ def test_cli_writes_png_with_rows_and_timings(tmp_path, capsys):
     assert '"sneaker", "bag"' in image.info["prompts"]
     assert main(["dragon", "--weights", str(tmp_path / "w")]) == 2
     assert "unknown class name 'dragon'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bag", "--ratio", "0.3"], "--ratio set(s) the SDTM row: add --sdtm"),
+    (["bag", "--merge-sum", "matmul"], "add --sdtm or --tome RATIO"),
+    (["bag", "--no-baseline"], "--no-baseline leaves no row"),
+    (["bag", "coat", "--num-images", "3"], "--num-images repeats one prompt; 2 prompts were given"),
+    (["bag", "--num-images", "0"], "--num-images must be >= 1"),
+    (["bag", "--out", "grid.jpg"], "give a file name ending in .png"),
+])
+def test_cli_refuses_what_it_would_ignore_before_loading(argv, message, capsys, tmp_path, monkeypatch):
+    import importlib
+
+    cli = importlib.import_module("dit_jax.sample")  # the module (the package exports the function)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "load", lambda *a, **k: pytest.fail("loaded the weights before checking the flags"))
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_checks_every_row_before_compiling_any(tmp_path, capsys):
+    from dit_jax.sample import main
+
+    out = tmp_path / "sub" / "grid.png"
+    assert main(["bag", "--sdtm", "--ratio", "0.7", "--steps", "4", "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert "compiling" not in captured.out and "allow at most" in captured.err
+    assert not out.exists()  # probed for writing, then removed
 
 
 def test_cli_merge_settings_reach_the_configs():

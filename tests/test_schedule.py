@@ -101,6 +101,7 @@ def test_space_timesteps_properties(num_timesteps, counts):
     "spec,message",
     [
         ("ddim999", "cannot keep exactly 999 of 1000 timesteps with an integer stride"),
+        ("ddim37", "the nearest step counts that can are 36 and 38"),
         ("ddimx", "expected 'ddim<N>' with an integer N"),
         ("1001", "section 0 of '1001' holds 1000 timesteps but asks for 1001"),
         ("abc", "expected '250', '10,15,20', 'ddim50' or a list of ints"),

@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -181,11 +182,23 @@ def test_non_square_grid_and_switch_step_forms():
         (lambda: ToMeConfig(merge_sum=None), "merge_sum must be one of"),
         (lambda: ToMeConfig(ratio=0.8), "more than 2x2 windows allow"),
         (lambda: ToMeConfig(merge_attn=False), "merges nothing"),
+        (lambda: ToMeConfig(merge_attn="no"), "merge_attn must be True or False, got 'no'"),
+        (lambda: ToMeConfig(random="false"), "random must be True or False"),
+        (lambda: SDTMConfig(ratio=float("nan")), "ratio must be a finite number"),
     ],
 )
 def test_config_errors(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_numpy_scalars_are_python_numbers_in_a_config():
+    """An int switch_step is a step and a float one a fraction, NumPy's included."""
+    config = SDTMConfig(ratio=np.float32(0.5), switch_step=np.int64(7), protect_every=np.int64(3))
+    assert (config.ratio, config.switch_step, config.protect_every) == (0.5, 7, 3)
+    assert type(config.ratio) is float and type(config.switch_step) is int and hash(config) == hash(config.replace())
+    assert SDTMConfig(switch_step=np.float32(0.5)).switch_index(20) == 10
+    assert ToMeConfig(ratio=np.float64(0.25), random=np.bool_(False)).random is False
 
 
 def test_settings_parse_from_command_line_text():

@@ -1,5 +1,7 @@
 """Weights bundles: save/load round trip, dtype casting, errors."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,6 +56,42 @@ def test_save_refuses_existing_and_load_explains_missing(tmp_path):
         save(_weights(), tmp_path / "w")
     with pytest.raises(FileNotFoundError, match="not a dit-jax weights directory.*convert.dit"):
         load(tmp_path / "nothing")
+
+
+def test_load_names_parameters_that_do_not_fit_the_config(tmp_path):
+    """A bundle whose arrays disagree with its config.json fails in load, naming every key."""
+    params = init_dit_params(CFG, seed=1)
+    del params["pos_embed"]
+    params["x_embedder"]["proj"]["bias"] = np.zeros(7, np.float32)
+    params["stray"] = np.zeros(3, np.float32)
+    save(Weights(dit=params, config=BundleConfig(dit=CFG)), tmp_path / "w")
+    with pytest.raises(ValueError) as info:
+        load(tmp_path / "w")
+    message = str(info.value)
+    assert "the stored parameters do not fit its config.json" in message
+    assert "missing keys (1):\n  pos_embed" in message and "unexpected keys (1):\n  stray" in message
+    assert f"x_embedder/proj/bias: stored (7,), expected ({CFG.hidden_size},)" in message
+
+    # A config that describes another model (deeper) than the arrays hold.
+    save(_weights(), tmp_path / "v")
+    config = json.loads((tmp_path / "v" / "config.json").read_text())
+    config["dit"]["depth"] = 3
+    (tmp_path / "v" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"blocks/attn/qkv/kernel: stored \(2, "):
+        load(tmp_path / "v")
+
+
+def test_load_explains_a_broken_config_file(tmp_path):
+    save(_weights(), tmp_path / "w")
+    config_file = tmp_path / "w" / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        load(tmp_path / "w")
+    del config["dit"]
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json has no 'dit' entry"):
+        load(tmp_path / "w")
 
 
 def test_weights_is_a_pytree_with_static_config():

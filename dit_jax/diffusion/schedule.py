@@ -116,9 +116,13 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
             for stride in range(1, num_timesteps):
                 if len(range(0, num_timesteps, stride)) == wanted:
                     return np.arange(0, num_timesteps, stride, dtype=np.int64)
+            possible = sorted({len(range(0, num_timesteps, stride)) for stride in range(1, num_timesteps)})
+            nearest = [n for n in possible if n < wanted][-1:] + [n for n in possible if n > wanted][:1]
+            which = f"counts that can are {nearest[0]} and {nearest[1]}" if len(nearest) == 2 else \
+                f"count that can is {nearest[0]}"
             raise ValueError(
                 f"cannot keep exactly {wanted} of {num_timesteps} timesteps with an integer stride "
-                f"({section_counts!r}); pick another step count or a plain count such as '{wanted}'."
+                f"({section_counts!r}); the nearest step {which}."
             )
         try:
             counts = [int(part) for part in spec.split(",")]
