@@ -136,9 +136,12 @@ def parse_strategy(text: str):
     (sdtm.config.parse_fields); so do ssm and idm, as SDTMConfig fields ("idm:ratio=0.5,merge_sum=matmul";
     deviation and switch_step are theirs to set).
     """
+    given = text
     text = text.partition("+")[0].partition("/")[0]
     text, _, every = text.partition("*")
     name, _, value = text.partition(":")
+    if every and not every.isdigit():
+        raise ValueError(f"strategy {given!r}: what follows '*' is how many blocks share a plan, an int such as *4")
     plan_every = int(every) if every else 1
     if name == "baseline":
         return False
@@ -604,8 +607,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--repeats, --batch and --compile-rounds must be >= 1")
         if args.image_size % 8 and args.input_size is None:
             raise ValueError(f"--image-size {args.image_size} is not a multiple of 8 (the VAE's factor)")
-        changes = {"input_size": args.input_size or args.image_size // 8}
-        if args.depth:
+        for flag, value in (("--image-size", args.image_size), ("--input-size", args.input_size), ("--depth", args.depth)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        changes = {"input_size": args.input_size if args.input_size is not None else args.image_size // 8}
+        if args.depth is not None:
             changes["depth"] = args.depth
         cfg = model_variant(args.variant, **changes)
         cfg.validate()

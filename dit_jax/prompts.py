@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import functools
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def class_id(prompt: Prompt, class_names: Sequence[str] | None = None, num_class
     if not isinstance(prompt, str):
         raise TypeError(f"a prompt is a class name or an int id, got {type(prompt).__name__}")
     text = prompt.strip()
-    if text.isdigit():
+    if re.fullmatch(r"-?[0-9]+", text):  # an id given as text ("207", "-1"; not "³", which isdigit() calls one)
         return class_id(int(text), class_names, num_classes)
     table = _name_table(groups)
     ids = table.get(text.lower())

@@ -238,6 +238,8 @@ def use_compilation_cache(directory: str | os.PathLike, min_compile_seconds: flo
     """Keep compiled programs in `directory` (JAX's persistent compilation cache): a later process
     that compiles the same sampler for the same device reads it back instead of compiling.
     Call it before the first compilation of the process."""
+    if Path(directory).exists() and not Path(directory).is_dir():
+        raise ValueError(f"compilation cache {directory} is a file; give a folder (made if missing)")
     Path(directory).mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)

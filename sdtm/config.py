@@ -18,7 +18,10 @@ from sdtm.ops import as_pair, check_merge_sum
 
 
 def _check_window(window) -> tuple[int, int]:
-    pair = as_pair(window)
+    try:
+        pair = as_pair(window)
+    except ValueError as e:
+        raise ValueError(f"window: {e}") from None
     if pair[0] < 1 or pair[1] < 1 or pair[0] * pair[1] < 2:
         raise ValueError(f"window {window!r} must be (height, width) with at least 2 tokens, e.g. (2, 2)")
     return pair

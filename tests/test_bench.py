@@ -58,6 +58,8 @@ def test_bench_bad_options(capsys):
     assert "not a multiple of 8" in capsys.readouterr().err
     assert main(["sample", *TINY, "--compile-rounds", "0"]) == 2
     assert "--compile-rounds must be >= 1" in capsys.readouterr().err
+    assert main(["forward", *TINY, "--depth", "0"]) == 2  # 0 once meant "the variant's depth"
+    assert "--depth must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_strategies_take_config_fields():
@@ -76,6 +78,7 @@ def test_strategies_take_config_fields():
     ("sdtm:plan_every=2*4", "sets plan_every twice"),
     ("tome:ratio=2", "strategy 'tome:ratio=2': ratio 2 is outside"),
     ("idm:deviation=0.1", "idm runs one stage at a fixed ratio; drop deviation"),
+    ("sdtm*x", "strategy 'sdtm\\*x': what follows '\\*' is how many blocks share a plan"),
 ])
 def test_bad_config_fields_name_the_strategy(text, message):
     with pytest.raises(ValueError, match=message):

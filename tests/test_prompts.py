@@ -18,6 +18,10 @@ def test_ids_lists_and_digit_strings():
     assert class_ids("tench").shape == (1,)
     with pytest.raises(ValueError, match=r"class id 1000 is out of range: this model has classes 0\.\.999"):
         class_id(1000)
+    with pytest.raises(ValueError, match="class id -1 is out of range"):
+        class_id("-1")  # a negative id given as text is an id, not a name
+    with pytest.raises(ValueError, match="unknown class name '³'"):
+        class_id("³")  # str.isdigit() says yes, int() says no
 
 
 def test_unknown_name_lists_three_closest():

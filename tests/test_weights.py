@@ -15,7 +15,9 @@ from dit_jax.models.dit import DiT, variant
 from dit_jax.models.pixart import PixArt
 from dit_jax.models.t5 import T5Encoder
 from dit_jax.models.vae import AutoencoderKL, VAEConfig
-from dit_jax.weights import BundleConfig, Weights, abstract_module, dit_module, init_dit_params, load, save
+from dit_jax.weights import (
+    BundleConfig, Weights, abstract_module, dit_module, init_dit_params, load, save, use_compilation_cache,
+)
 
 CFG = variant("DiT-S/8", input_size=16, num_classes=3, depth=2)
 
@@ -113,6 +115,9 @@ def test_compilation_cache_is_written(tmp_path):
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     assert any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file; give a folder"):
+        use_compilation_cache(tmp_path / "file")
 
 
 def test_format_1_bundles_load_with_their_blocks_stacked(tmp_path):
