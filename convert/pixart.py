@@ -148,7 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     if output_taken(out, args.force):
         return 2
     start = time.perf_counter()
-    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    try:  # the inputs first: a folder made for OUT would outlive a missing input
+        component_dirs(args)
+        out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    except (ConversionError, ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     spill = Path(tempfile.mkdtemp(prefix=f".{out.name}.arrays.", dir=out.absolute().parent))
     try:
         weights, notes = convert_pixart(args, store=ArraySpill(spill))

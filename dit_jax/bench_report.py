@@ -110,8 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.files:
         try:
             result = json.loads(path.read_text())
+            if not isinstance(result, dict) or not all(isinstance(row, dict) for row in result.get("results", [])):
+                raise ValueError("expected a JSON object whose results are objects")
             sections.append(render(result, str(path)))
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
             print(f"error: {path}: not a bench result ({what})", file=sys.stderr)
             return 2

@@ -637,6 +637,16 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def check_writable(flag: str, path: Path) -> None:
+    """Raise a ValueError unless `path` can be written (its folder is made if missing)."""
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot make its folder ({e.strerror or e})") from e
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = "python -m dit_jax.evaluate " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
@@ -645,6 +655,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.num_samples < 2 or args.steps < 1 or args.batch_size < 1:
             raise ValueError("--num-samples must be >= 2, --steps and --batch-size >= 1")
+        if args.efflite_size < 32:
+            raise ValueError(f"--efflite-size must be >= 32 px (EfficientNet-Lite0 halves it five times), "
+                             f"got {args.efflite_size}")
+        for flag, name in (("--out", args.out), ("--json", args.json)):  # found out now, not after the run
+            if name is not None:
+                check_writable(flag, Path(name))
         if args.compile_cache:
             from dit_jax.weights import use_compilation_cache
 

@@ -84,13 +84,34 @@ def denoise(weights: Weights, x: jax.Array, t: jax.Array, cond, *, sdtm_plan=Non
     sdtm_plan: an `sdtm.Phase` (or a bare `BlockMerger`) to run with token merging from a fresh
     merge state; None runs the plain network.
     """
+    _check_weights(weights)
+    cfg = weights.config.dit
+    shape = (cfg.input_size, cfg.input_size, cfg.in_channels)
+    if jnp.ndim(x) != 4 or tuple(jnp.shape(x)[1:]) != shape:
+        raise ValueError(f"x has shape {tuple(jnp.shape(x))}; this model takes (B, {', '.join(map(str, shape))}): "
+                         "NHWC, channels last")
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        raise ValueError(f"x must be floating-point noisy latents, got {jnp.result_type(x)}")
+    batch = jnp.shape(x)[0]
+    if jnp.ndim(t) > 1 or jnp.size(t) not in (1, batch):
+        raise ValueError(f"t has shape {tuple(jnp.shape(t))}; give one timestep or {batch} (one per row of x)")
+    if not (weights.config.text_conditioned or isinstance(cond, jax.core.Tracer)):
+        ids = np.asarray(cond)
+        rows = cfg.num_classes + (cfg.class_dropout_prob > 0)  # the null class, where the model has one
+        if not np.issubdtype(ids.dtype, np.integer) or ids.shape not in ((), (batch,)) or ids.min() < 0 \
+                or ids.max() >= rows:
+            raise ValueError(f"cond must be {batch} integer class ids in 0..{rows - 1} (dit_jax.prompts.class_ids "
+                             f"turns names into ids), got {cond!r}")
+    if sdtm_plan is not None and not hasattr(getattr(sdtm_plan, "merger", sdtm_plan), "build"):
+        raise ValueError(f"sdtm_plan must be an sdtm.Phase (from sdtm.schedule(config, steps, num_tokens)) or a "
+                         f"BlockMerger, got {type(sdtm_plan).__name__}")
     model = dit_module(weights)
     x = jnp.asarray(x, weights.dtype)
-    t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
+    t = jnp.broadcast_to(jnp.asarray(t), (batch,))
     if weights.config.text_conditioned:
         cond = jax.tree.map(jnp.asarray, cond)
     else:
-        cond = jnp.asarray(cond, jnp.int32)
+        cond = jnp.broadcast_to(jnp.asarray(cond, jnp.int32), (batch,))
     if sdtm_plan is None:
         return model(x, t, cond)
     merger = getattr(sdtm_plan, "merger", sdtm_plan)
@@ -363,11 +384,15 @@ def _is_int(value) -> bool:
         or (isinstance(value, jax.Array) and value.ndim == 0 and jnp.issubdtype(value.dtype, jnp.integer)))
 
 
+def _check_weights(weights) -> None:
+    if not isinstance(weights, Weights):
+        hint = f": load it first, load({weights!r})" if isinstance(weights, (str, os.PathLike)) else ""
+        raise ValueError(f"weights must be a dit_jax Weights (what load() returns), got {type(weights).__name__}{hint}")
+
+
 def _check_inputs(weights, prompt, seed, num_images, cfg_scale) -> None:
     """Clear errors for arguments of the wrong kind (before anything else reads them)."""
-    if not isinstance(weights, Weights):
-        hint = f": load it first, sample(load({weights!r}), ...)" if isinstance(weights, (str, os.PathLike)) else ""
-        raise ValueError(f"weights must be a dit_jax Weights (what load() returns), got {type(weights).__name__}{hint}")
+    _check_weights(weights)
     one = (str, int, np.integer)
     if not isinstance(prompt, dict) and (isinstance(prompt, bool) or not (
             isinstance(prompt, one) or (isinstance(prompt, (list, tuple))

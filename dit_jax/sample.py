@@ -45,14 +45,14 @@ def write_png(path: Path, image: np.ndarray, metadata: dict[str, str]) -> None:
     Image.fromarray(image[..., 0] if mode == "L" else image, mode=mode).save(path, pnginfo=info)
 
 
-# SDTM's flags and their defaults: given without --sdtm they would change nothing.
-SDTM_FLAGS = {"ratio": None, "deviation": None, "switch_step": None, "plan_every": 1, "protect_every": None,
-              "cache_weight": 1.0, "prompt_weight": None}
+# SDTM's own flags: set without --sdtm they would change nothing.
+SDTM_FLAGS = ("ratio", "deviation", "switch_step", "plan_every", "protect_every", "cache_weight", "prompt_weight")
 
 
 def _check_args(args) -> None:
     """Refuse what the command would otherwise ignore or find out only after sampling."""
-    given = [f"--{name.replace('_', '-')}" for name, default in SDTM_FLAGS.items() if getattr(args, name) != default]
+    defaults = _parser()
+    given = [f"--{name.replace('_', '-')}" for name in SDTM_FLAGS if getattr(args, name) != defaults.get_default(name)]
     if given and not args.sdtm:
         raise ValueError(f"{', '.join(given)} set(s) the SDTM row: add --sdtm")
     shared = [flag for flag, on in (("--proportional-attention", args.proportional_attention),

@@ -39,6 +39,7 @@ import functools
 import json
 import math
 import signal
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -123,6 +124,16 @@ class TrainConfig:
                 raise ValueError(f"{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1 images, got {self.limit}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise ValueError(f"time_limit must be > 0 seconds, got {self.time_limit}")
+        if not self.time_reserve >= 0:
+            raise ValueError(f"time_reserve must be >= 0 seconds, got {self.time_reserve}")
         self.dit_config().validate()  # sizes the model cannot take (hidden not divisible by heads, ...)
 
     def dit_config(self) -> DiTConfig | PixArtConfig:
@@ -599,9 +610,11 @@ def train(
     cfg.validate()
     t_start = time.monotonic() if start_time is None else start_time
     out = Path(cfg.out).absolute()
+    images, labels = load_fashion_mnist("train", cfg.data_root) if dataset is None else dataset  # before any folder
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {cfg.out} is a file; give a run folder")
     out.mkdir(parents=True, exist_ok=True)
 
-    images, labels = load_fashion_mnist("train", cfg.data_root) if dataset is None else dataset
     if cfg.limit is not None:
         images, labels = images[: cfg.limit], labels[: cfg.limit]
     images_on_device = jax.device_put(jnp.asarray(images, jnp.uint8))
@@ -767,4 +780,8 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # bad flags or data: one line, as the other commands print
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

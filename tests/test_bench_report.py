@@ -60,3 +60,7 @@ def test_a_file_that_is_no_bench_result_is_a_clear_error(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"error: {bad}: not a bench result (missing field 'results')"
     assert bench_report.main([str(tmp_path / "missing.json")]) == 2
     assert "missing.json: not a bench result" in capsys.readouterr().err
+    for text in ("[1, 2]", '{"config": {}, "results": [[1, 2]]}'):
+        bad.write_text(text)
+        assert bench_report.main([str(bad)]) == 2
+        assert "expected a JSON object whose results are objects" in capsys.readouterr().err

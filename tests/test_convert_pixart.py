@@ -182,6 +182,8 @@ def test_missing_component_and_existing_output(converted, tmp_path, capsys):
     out = tmp_path / "out"
     assert convert_pixart.main([str(out), "--pipeline", str(partial)]) == 1
     assert "vae" in capsys.readouterr().err and not out.exists()
+    assert convert_pixart.main([str(tmp_path / "new" / "out"), "--pipeline", str(partial)]) == 1
+    assert not (tmp_path / "new").exists()  # OUT's folder is made only once the inputs are there
     # A VAE folder without weights fails after the T5 is converted (and parked on disk): nothing is left.
     (partial / "vae").mkdir()
     shutil.copy(pipeline / "vae" / "config.json", partial / "vae")

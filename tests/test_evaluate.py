@@ -148,6 +148,9 @@ def test_bad_settings_fail_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="--probe-calls 0 must be at least 1"):
         evaluate.evaluate(evaluate.build_parser().parse_args([*args[:-1], "--probe-calls", "0"]), "test")
     assert not (tmp_path / "q.md").exists()
+    assert evaluate.main(["--efflite-size", "0"]) == 2  # once scored nan and failed at the plot
+    (tmp_path / "file").write_text("")
+    assert evaluate.main(["--json", str(tmp_path / "file" / "r.json")]) == 2  # once found out after the run
 
 
 def test_dtype_reaches_the_sampled_model(tmp_path, monkeypatch):

@@ -327,3 +327,14 @@ def test_text_cli_and_bad_family():
         dataclasses.replace(cfg, family="unet").validate()
     with pytest.raises(ValueError, match="not divisible by num_heads"):
         dataclasses.replace(cfg, hidden_size=66).validate()
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(lr=-1.0), "lr must be > 0"),
+    (dict(grad_clip=-1.0), "grad_clip must be > 0"),
+    (dict(weight_decay=-2.0), "weight_decay must be >= 0"),
+    (dict(time_limit=-5.0), "time_limit must be > 0"),
+])
+def test_optimiser_settings_that_cannot_train_are_refused(tmp_path, change, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(tmp_path, **change).validate()
