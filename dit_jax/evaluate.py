@@ -59,6 +59,7 @@ from dit_jax import classifier as classifier_lib
 from dit_jax.data import CLASS_NAMES, caption, load_fashion_mnist
 from dit_jax.devices import DTYPE_NAMES
 from dit_jax.metrics import Reference
+from dit_jax.outputs import check_output
 from dit_jax.pipeline import FAMILY_DEFAULTS, _run, prepare
 from dit_jax.report import Row, markdown_report, quality_figure
 from sdtm.config import parse_fields
@@ -637,16 +638,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def check_writable(flag: str, path: Path) -> None:
-    """Raise a ValueError unless `path` can be written (its folder is made if missing)."""
-    if path.is_dir():
-        raise ValueError(f"{flag} {path} is a folder; give a file name")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"{flag} {path}: cannot make its folder ({e.strerror or e})") from e
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = "python -m dit_jax.evaluate " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
@@ -660,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"got {args.efflite_size}")
         for flag, name in (("--out", args.out), ("--json", args.json)):  # found out now, not after the run
             if name is not None:
-                check_writable(flag, Path(name))
+                check_output(flag, name)
         if args.compile_cache:
             from dit_jax.weights import use_compilation_cache
 

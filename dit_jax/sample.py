@@ -19,6 +19,7 @@ import numpy as np
 
 import sdtm as sdtm_lib
 from dit_jax.diffusion.samplers import SAMPLER_NAMES
+from dit_jax.outputs import check_output
 from dit_jax.pipeline import compile_and_run, prepare
 from dit_jax.prompts import class_ids, class_label
 from dit_jax.weights import load, use_compilation_cache
@@ -66,21 +67,7 @@ def _check_args(args) -> None:
             raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
         if len(args.prompts) > 1:
             raise ValueError(f"--num-images repeats one prompt; {len(args.prompts)} prompts were given (one image each)")
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise ValueError(f"--out {args.out}: the grid is written as a PNG (with the prompts in its metadata); "
-                         "give a file name ending in .png")
-    if out.is_dir():
-        raise ValueError(f"--out {args.out} is a folder; give a file name ending in .png")
-    existed = out.exists()
-    try:  # can the file be written? (found out now, not after sampling; a new file is removed again)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "ab"):
-            pass
-    except OSError as e:
-        raise ValueError(f"--out {args.out}: cannot write it ({e.strerror or e})") from e
-    if not existed:
-        out.unlink()
+    check_output("--out", args.out, suffix=".png")  # a PNG: the prompts go into its metadata
 
 
 def _methods(args) -> list[tuple[str, object]]:

@@ -184,10 +184,10 @@ def _abstract_split(cls: type[nnx.Module], config, dtype) -> tuple[nnx.GraphDef,
     return graph, nnx.to_pure_dict(state)
 
 
-def _component_class(component: str, config: BundleConfig) -> type[nnx.Module]:
-    """The module class of a bundle component ("dit", "vae" or "text_encoder")."""
+def _component_class(component: str, config) -> type[nnx.Module]:
+    """The module class of a bundle component ("dit", "vae" or "text_encoder") with that config."""
     if component == "dit":
-        return model_class(config.dit)
+        return model_class(config)
     if component == "vae":
         from dit_jax.models.vae import AutoencoderKL
 
@@ -197,14 +197,14 @@ def _component_class(component: str, config: BundleConfig) -> type[nnx.Module]:
     return T5Encoder
 
 
-def _dit_graph(config, dtype) -> nnx.GraphDef:
-    return _abstract_split(model_class(config), config, dtype)[0]
+def _graph(component: str, config, dtype) -> nnx.GraphDef:
+    return _abstract_split(_component_class(component, config), config, dtype)[0]
 
 
 def dit_module(weights: Weights):
     """The diffusion transformer (DiT or PixArt) as an NNX module over `weights.dit` (cheap: no
     parameter is copied)."""
-    return nnx.merge(_dit_graph(weights.config.dit, jnp.dtype(weights.dtype)), weights.dit)
+    return nnx.merge(_graph("dit", weights.config.dit, jnp.dtype(weights.dtype)), weights.dit)
 
 
 def text_encoder_module(weights: Weights):
@@ -212,26 +212,15 @@ def text_encoder_module(weights: Weights):
     if weights.text_encoder is None:
         raise ValueError("this bundle has no text encoder (a class-conditioned model)")
     dtype = jnp.dtype(jax.tree.leaves(weights.text_encoder)[0].dtype)
-    return nnx.merge(_t5_graph(weights.config.text_encoder, dtype), weights.text_encoder)
-
-
-def _t5_graph(config, dtype) -> nnx.GraphDef:
-    from dit_jax.models.t5 import T5Encoder
-
-    return _abstract_split(T5Encoder, config, dtype)[0]
+    return nnx.merge(_graph("text_encoder", weights.config.text_encoder, dtype), weights.text_encoder)
 
 
 def vae_module(weights: Weights):
     """The VAE as an NNX module over `weights.vae`."""
     if weights.vae is None:
         raise ValueError("this bundle has no VAE (a pixel-space model)")
-    return nnx.merge(_vae_graph(weights.config.vae, jnp.dtype(jax.tree.leaves(weights.vae)[0].dtype)), weights.vae)
-
-
-def _vae_graph(config, dtype) -> nnx.GraphDef:
-    from dit_jax.models.vae import AutoencoderKL
-
-    return _abstract_split(AutoencoderKL, config, dtype)[0]
+    dtype = jnp.dtype(jax.tree.leaves(weights.vae)[0].dtype)
+    return nnx.merge(_graph("vae", weights.config.vae, dtype), weights.vae)
 
 
 def use_compilation_cache(directory: str | os.PathLike, min_compile_seconds: float = 0.5) -> None:
@@ -325,7 +314,7 @@ def check_bundle(weights: Weights, source: str) -> None:
         if tree is None:
             continue
         dtype = jnp.dtype(jax.tree.leaves(tree)[0].dtype)
-        expected = _abstract_split(_component_class(name, config), component_config, dtype)[1]
+        expected = _abstract_split(_component_class(name, component_config), component_config, dtype)[1]
         message = layout_mismatch(f"its {name} parameters", _shapes(tree), _shapes(expected), found="stored")
         if message:
             problems.append(message)
