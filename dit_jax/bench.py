@@ -48,6 +48,7 @@ from dit_jax.devices import DTYPE_NAMES
 from dit_jax.models import dit as dit_models
 from dit_jax.models.dit import DiTConfig
 from dit_jax.nn.attention import IMPLEMENTATIONS, attention_implementation
+from dit_jax.outputs import check_output
 from dit_jax.pipeline import FAMILY_DEFAULTS, _run, prepare
 from dit_jax.profiling import OTHER, REGIONS, distinct_fusions, loop_ops, profile_regions
 from dit_jax.weights import BundleConfig, Weights, dit_module, model_class, use_compilation_cache
@@ -629,6 +630,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--torch compares one forward pass: use it with the forward mode")
         if args.torch and not isinstance(cfg, DiTConfig):
             raise ValueError("--torch compares with diffusers' DiT: it takes DiT variants only")
+        if args.json:
+            check_output("--json", args.json)  # found out now, not after the run
         dtype = jnp.dtype(args.dtype)
         if args.compile_cache:
             use_compilation_cache(args.compile_cache)

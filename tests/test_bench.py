@@ -60,6 +60,8 @@ def test_bench_bad_options(capsys):
     assert "--compile-rounds must be >= 1" in capsys.readouterr().err
     assert main(["forward", *TINY, "--depth", "0"]) == 2  # 0 once meant "the variant's depth"
     assert "--depth must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["forward", *TINY, "--json", "/proc/no/such/x.json"]) == 2  # once found out after the run
+    assert "--json /proc/no/such/x.json: cannot write it" in capsys.readouterr().err
 
 
 def test_strategies_take_config_fields():
